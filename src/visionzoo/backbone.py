@@ -1,0 +1,199 @@
+"""The model contract: a ``Backbone`` base class with default ``forward_*`` implementations.
+
+Most families are stem -> stages -> (norm) -> head. They set ``self.stem``, ``self.stages``,
+``self.feature_info`` and call ``init_head``; everything else comes from here. Families with another
+layout (timm's ResNet keys, ViT's tokens) override the small hooks below rather than the public methods.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from visionzoo.layers import ClassifierHead, LayerType, fuse_conv_bn_pairs
+
+
+class FeatureInfo(NamedTuple):
+    """One multi-scale output: its channels, its stride (reduction) and the module that produces it."""
+
+    channels: int
+    reduction: int
+    module: str
+
+
+class FeatureInfoList(list):
+    """A list of ``FeatureInfo`` with timm-style accessors."""
+
+    def channels(self) -> list[int]:
+        return [f.channels for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f.reduction for f in self]
+
+    def module_name(self) -> list[str]:
+        return [f.module for f in self]
+
+
+def resolve_indices(indices: int | list[int] | tuple[int, ...] | None, n: int, who: str = "model") -> list[int]:
+    """Turn ``indices`` (None = all, an int = the last k, a sequence = those, negatives allowed) into sorted ints."""
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 1 <= indices <= n:
+            raise ValueError(f"{who}: indices={indices} asks for the last {indices} of {n} stages; use 1..{n}")
+        return list(range(n - indices, n))
+    out = []
+    for i in indices:
+        if not isinstance(i, int) or not -n <= i < n:
+            raise ValueError(f"{who}: out_indices entry {i!r} is out of range for {n} stages "
+                             f"(valid: 0..{n - 1} or -{n}..-1)")
+        out.append(i % n)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{who}: out_indices {tuple(indices)} name the same stage twice")
+    return sorted(out)
+
+
+class Backbone(nn.Module):
+    """Base class of every visionzoo model; see STYLE.md section 3 for the contract.
+
+    Class attributes a family may set:
+        kind: ``"convnet"``, ``"vit"`` or ``"hybrid"``.
+        min_input_size, input_multiple: the smallest input side and the multiple every side must be.
+        no_weight_decay_keys: parameter-name endings excluded from weight decay.
+        first_conv: state-dict prefix of the first conv (adapted when ``in_chans`` differs).
+    """
+
+    kind: str = "convnet"
+    min_input_size: int = 32
+    input_multiple: int = 32
+    no_weight_decay_keys: tuple[str, ...] = ()
+    first_conv: str = "stem.0"
+    classifier: str = "head.fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.num_classes = 0
+        self.in_chans = 3
+        self.num_features = 0
+        self.head_hidden_size = 0
+        self.out_indices: list[int] | None = None
+        self.feature_info: FeatureInfoList = FeatureInfoList()
+        self.stage_info: FeatureInfoList = FeatureInfoList()
+        self.variant: tuple[str, dict] | None = None
+
+    # --- construction helpers -------------------------------------------------------------------
+    def set_feature_info(self, infos: list[FeatureInfo]) -> None:
+        self.stage_info = FeatureInfoList(infos)
+        self.feature_info = FeatureInfoList(infos)
+
+    def init_head(self, num_features: int, num_classes: int, drop_rate: float = 0.0,
+                  norm_layer: LayerType | None = None, pool_type: str = "avg") -> None:
+        """Set ``num_features``, ``head_hidden_size``, ``num_classes`` and a ``ClassifierHead`` as ``self.head``."""
+        self.num_features = self.head_hidden_size = num_features
+        self.num_classes = num_classes
+        self.head = ClassifierHead(num_features, num_classes, pool_type, drop_rate, norm_layer)
+
+    @property
+    def name(self) -> str:
+        return self.variant[0] if self.variant else type(self).__name__
+
+    # --- hooks a family may override --------------------------------------------------------------
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.stem(x)
+
+    def stage_modules(self) -> list[nn.Module]:
+        return list(self.stages)
+
+    def stage_to_nchw(self, x: Tensor) -> Tensor:
+        """A stage's output as an NCHW map (families that keep NHWC or tokens inside convert here)."""
+        return x
+
+    def forward_norm(self, x: Tensor) -> Tensor:
+        """The final norm on the last stage's output; returns NCHW."""
+        return x
+
+    # --- the contract -----------------------------------------------------------------------------
+    def check_input(self, x: Tensor) -> None:
+        """Raise a ValueError that names the size and the allowed multiple when ``x`` does not fit."""
+        if x.ndim != 4:
+            raise ValueError(f"{self.name}: expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"{self.name}: input has {x.shape[1]} channels but the model was built with "
+                             f"in_chans={self.in_chans}; pass in_chans={x.shape[1]} to create_model")
+        H, W = x.shape[-2:]
+        m, lo = self.input_multiple, self.min_input_size
+        if H < lo or W < lo or H % m or W % m:
+            raise ValueError(f"{self.name}: input {H}x{W} must be at least {lo}x{lo} and a multiple of {m} "
+                             f"on each side (the model's total stride); resize or pad, e.g. to "
+                             f"{max(lo, -(-H // m) * m)}x{max(lo, -(-W // m) * m)}")
+
+    def run_stage(self, stage: nn.Module, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        x = self.forward_stem(x)
+        for stage in self.stage_modules():
+            x = self.run_stage(stage, x)
+        return self.forward_norm(x)
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None = None
+                              ) -> list[Tensor]:
+        """NCHW outputs of the chosen stages (all when ``indices`` is None), before the final norm."""
+        stages = self.stage_modules()
+        idx = resolve_indices(indices, len(stages), self.name)
+        self.check_input(x)
+        x = self.forward_stem(x)
+        outs = []
+        for i, stage in enumerate(stages[:idx[-1] + 1]):
+            x = self.run_stage(stage, x)
+            if i in idx:
+                outs.append(self.stage_to_nchw(x))
+        return outs
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.out_indices is not None:
+            return self.forward_intermediates(x, self.out_indices)
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.get_submodule(self.classifier)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the final linear layer with a fresh one of ``num_classes`` outputs (0 = none)."""
+        if num_classes < 0:
+            raise ValueError(f"{self.name}: num_classes must be >= 0, got {num_classes}")
+        self.head.reset(num_classes)
+        self.num_classes = num_classes
+
+    def set_features_only(self, out_indices: int | list[int] | tuple[int, ...] | None = None) -> None:
+        """Make ``forward`` return the list of NCHW maps of ``out_indices`` and drop the classifier."""
+        idx = resolve_indices(out_indices, len(self.stage_modules()), self.name)
+        self.out_indices = idx
+        self.feature_info = FeatureInfoList(self.stage_info[i] for i in idx)
+        self.reset_classifier(0)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that should get no weight decay (position tables, tokens, bias tables)."""
+        keys = self.no_weight_decay_keys
+        return {n for n, _ in self.named_parameters() if keys and n.rsplit(".", 1)[-1] in keys}
+
+    def fuse(self) -> Backbone:
+        """Re-parameterise for inference, in place (conv+BN folding here; families add branch merges)."""
+        fuse_conv_bn_pairs(self)
+        return self
+
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Fit a checkpoint in our key layout to this instance (e.g. resize position tables); default: as is."""
+        return state_dict

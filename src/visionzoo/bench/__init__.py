@@ -1,0 +1,1 @@
+"""Measurement: MACs/FLOPs and activations (flops.py)."""

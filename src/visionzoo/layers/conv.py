@@ -1,0 +1,47 @@
+"""Convolution helpers: BatchNorm folding for deploy forms."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """Return a conv with bias that computes ``bn(conv(x))`` in eval mode."""
+    std = (bn.running_var + bn.eps).sqrt()
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    scale = gamma / std
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.copy_(beta + (bias - bn.running_mean) * scale)
+    return fused
+
+
+def fuse_conv_bn_pairs(module: nn.Module) -> int:
+    """Fold every Conv2d followed by a BatchNorm2d inside ``module``, in place; returns how many were folded.
+
+    Pairs are found in two places: adjacent children of an ``nn.Sequential``, and attribute pairs that a
+    module declares in a ``fuse_pairs`` class attribute, e.g. ``(("conv1", "bn1"), ("conv2", "bn2"))``.
+    The BatchNorm is replaced by ``nn.Identity``.
+    """
+    count = 0
+    for m in list(module.modules()):
+        for conv_name, bn_name in getattr(m, "fuse_pairs", ()):
+            conv, bn = getattr(m, conv_name, None), getattr(m, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(m, conv_name, fold_bn(conv, bn))
+                setattr(m, bn_name, nn.Identity())
+                count += 1
+        if isinstance(m, nn.Sequential):
+            keys = list(m._modules)
+            for a, b in zip(keys, keys[1:]):
+                conv, bn = m._modules[a], m._modules[b]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    m._modules[a] = fold_bn(conv, bn)
+                    m._modules[b] = nn.Identity()
+                    count += 1
+    return count

@@ -1,0 +1,226 @@
+"""Checkpoints: our format (safetensors + JSON metadata), timm-layout and official-layout state dicts.
+
+Our format stores the state_dict as safetensors with ``{"format": "visionzoo", "variant": name,
+"args": json}`` in the metadata, so a file alone rebuilds its model. Other layouts are detected by key
+overlap and turned into ours by the family's ``remap`` static method. Torch pickles load only with
+``weights_only=True``: a checkpoint never runs code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+FORMAT = "visionzoo"
+_CONTAINER_KEYS = ("state_dict", "model", "model_ema", "state_dict_ema", "module", "net", "params")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model; the message lists what does not fit."""
+
+
+def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, tuple):
+            v = list(v)
+        json.dumps(v)  # raises TypeError for a non-plain argument, naming the value
+        out[k] = v
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:  # noqa: ANN001
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
+    """Write ``model`` in our format, atomically (a temp file, then a rename). ``.safetensors`` or ``.pt``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    variant = getattr(model, "variant", None)
+    if variant is None:
+        raise ValueError("weights.save: the model has no .variant; build it with visionzoo.create_model")
+    name, args = variant
+    meta = {"format": FORMAT, "variant": name, "args": json.dumps(_jsonable(args)), **(extra or {})}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    else:
+        _atomic_write(path, lambda tmp: torch.save({**meta, "args": json.loads(meta["args"]), "state_dict": state},
+                                                   tmp))
+    return path
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a checkpoint file into ``(state_dict, metadata)`` without building a model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    meta: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if "args" in meta:
+            meta["args"] = json.loads(meta["args"])
+        return state, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickles that need code to load are refused here
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded with weights_only=True ({e}); "
+                              f"visionzoo never unpickles code: re-save it as a plain state_dict") from e
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        return obj["state_dict"], meta
+    return unwrap(obj), meta
+
+
+def unwrap(obj: Any) -> dict[str, Tensor]:
+    """Find the state_dict inside the containers training scripts write, and strip DDP's ``module.``."""
+    while isinstance(obj, dict) and not any(isinstance(v, Tensor) for v in obj.values()):
+        key = next((k for k in _CONTAINER_KEYS if k in obj), None)
+        if key is None:
+            raise CheckpointError(f"no state_dict found in checkpoint; top-level keys: {sorted(obj)[:10]}")
+        obj = obj[key]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state_dict")
+    state = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _overlap(keys, expected: set[str]) -> float:  # noqa: ANN001
+    keys = set(keys)
+    return len(keys & expected) / max(len(keys | expected), 1)
+
+
+def to_model_layout(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """Detect the checkpoint's layout and return it in the model's own keys, with the layout's name."""
+    expected = set(model.state_dict())
+    remap = getattr(type(model), "remap", None)
+    if remap is None or _overlap(state, expected) == 1.0:
+        return state, "visionzoo/timm"
+    mapped = remap(dict(state))
+    if _overlap(mapped, expected) > _overlap(state, expected):
+        return mapped, "official"
+    return state, "visionzoo/timm"
+
+
+@torch.no_grad()
+def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
+    """Fit a first-conv weight ``(O, I, kh, kw)`` to ``in_chans`` inputs: sum for 1, tile and rescale otherwise."""
+    I = weight.shape[1]
+    if in_chans == I:
+        return weight
+    dtype = weight.dtype
+    w = weight.float()
+    if in_chans == 1:
+        w = w.sum(dim=1, keepdim=True)
+    else:
+        reps = -(-in_chans // I)
+        w = w.repeat(1, reps, 1, 1)[:, :in_chans] * (I / in_chans)
+    return w.to(dtype)
+
+
+def _classifier_keys(model: nn.Module) -> list[str]:
+    name = getattr(model, "classifier", None)
+    names = [name] if isinstance(name, str) else list(name or ())
+    return [f"{n}.{p}" for n in names for p in ("weight", "bias")]
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike | dict[str, Tensor], strict: bool = True) -> str:
+    """Load a checkpoint file (or state_dict) into ``model``; returns the detected layout.
+
+    A classifier of another size is re-initialised with a warning; a first conv with other input
+    channels is adapted. Missing or unexpected keys and shape mismatches raise ``CheckpointError``
+    listing them (with ``strict=False`` they only warn).
+    """
+    state = dict(path) if isinstance(path, dict) else read(path)[0]
+    state, layout = to_model_layout(model, state)
+    if hasattr(model, "adapt_state_dict"):
+        state = model.adapt_state_dict(state)
+    own = model.state_dict()
+    first = getattr(model, "first_conv", None)
+    if first and f"{first}.weight" in state and f"{first}.weight" in own:
+        k = f"{first}.weight"
+        if state[k].ndim == 4 and state[k].shape[1] != own[k].shape[1]:
+            warnings.warn(f"{k}: checkpoint has {state[k].shape[1]} input channels, the model "
+                          f"{own[k].shape[1]}; adapting the first conv", stacklevel=2)
+            state[k] = adapt_input_conv(state[k], own[k].shape[1])
+    for k in _classifier_keys(model):
+        if k in state and (k not in own or state[k].shape != own[k].shape):
+            got = state[k].shape[0]
+            want = own[k].shape[0] if k in own else 0
+            if k.endswith("weight"):
+                warnings.warn(f"checkpoint classifier has {got} classes, the model {want}; "
+                              f"the classifier stays freshly initialised", stacklevel=2)
+            del state[k]
+    classifier = set(_classifier_keys(model))
+    missing = [k for k in own if k not in state and k not in classifier]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        name = getattr(model, "name", type(model).__name__)
+        msg = (f"checkpoint does not fit {name} (layout seen: {layout}):\n"
+               f"  missing ({len(missing)}): {missing[:20]}\n  unexpected ({len(unexpected)}): {unexpected[:20]}\n"
+               f"  shape mismatch ({len(shapes)}): {shapes[:20]}")
+        if strict or shapes:
+            raise CheckpointError(msg)
+        warnings.warn(msg, stacklevel=2)
+    state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(state, strict=False)
+    return layout
+
+
+def load_model(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Rebuild a model from a file in our format alone (its variant name and args are in the file)."""
+    from visionzoo.registry import create_model
+
+    state, meta = read(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not in visionzoo format (no variant recorded); use "
+                              f"create_model(NAME, checkpoint_path=...) or `visionzoo convert`")
+    args = dict(meta["args"])
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    args.update(kwargs)
+    model = create_model(meta["variant"], **args)
+    load_checkpoint(model, state)
+    return model
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str, **kwargs: Any) -> Path:
+    """Read any supported layout for ``model_name`` and write it in our format (class count taken from the file)."""
+    from visionzoo.registry import create_model
+
+    state, meta = read(src)
+    probe = create_model(model_name, **kwargs) if "num_classes" in kwargs else None
+    if probe is None:
+        with torch.device("meta"):
+            probe = create_model(model_name, **kwargs)
+        mapped, _ = to_model_layout(probe, dict(state))
+        keys = _classifier_keys(probe)
+        w = mapped.get(keys[0]) if keys else None
+        kwargs["num_classes"] = int(w.shape[0]) if w is not None else 0
+        probe = create_model(model_name, **kwargs)
+    load_checkpoint(probe, state)
+    return save(probe, dst)
