@@ -17,8 +17,11 @@ def model_rows(pattern: str | list[str] = "*", include_test: bool = False) -> li
     for name in list_models(pattern, exclude_test=not include_test):
         v = get_variant(name)
         p = v.paper
-        rows.append((name, v.kind, str(p.img_size or v.input_size), _fmt(v.params_m, 3), _fmt(v.gmacs),
-                     _fmt(p.params_m, 1), _fmt(p.gmacs), _fmt(p.top1), p.source or "-"))
+        at = f" @{p.img_size}" if p.img_size and p.img_size != v.input_size else ""
+        top1 = _fmt(p.top1) + at if p.top1 is not None else "-"
+        gm = _fmt(p.gmacs) + at if p.gmacs is not None else "-"
+        rows.append((name, v.kind, str(v.input_size), _fmt(v.params_m, 3), _fmt(v.gmacs), _fmt(p.params_m, 1), gm,
+                     top1, p.source or "-"))
     return rows
 
 
@@ -28,7 +31,8 @@ def models_markdown() -> str:
            "Generated from the registry by `visionzoo list --markdown > docs/models.md`; do not edit by hand.",
            "`params (M)` is the exact count of the official (or timm) implementation with a 1000-class head, which",
            "ours equals (the test suite checks it); `GMACs` is the official implementation's count at `res` where",
-           "known; the `paper` columns are the rounded figures the paper or official README reports, from `source`.",
+           "known; the `paper` columns are the rounded figures the paper or official README reports, from `source`",
+           "(at `res`, unless marked `@size`).",
            "MACs are multiply-accumulates (what most papers call FLOPs). `*_test` variants are tiny models for tests.",
            ""]
     for fam in list_families():

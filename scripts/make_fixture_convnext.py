@@ -1,0 +1,111 @@
+"""Parity fixtures for ConvNeXt against timm 1.0.31 and the official facebookresearch/ConvNeXt code.
+
+Writes three fixtures to tests/fixtures/, each a 4-stage, depth-1 network with dims (8, 16, 24, 32), 10 classes,
+on a 64 px input:
+
+- ``convnext_timm``: ``timm.models.convnext.ConvNeXt`` (Linear MLP on channels-last maps, the paper's sizes);
+- ``convnext_timm_convmlp``: the same with ``conv_mlp=True`` (1x1-conv MLP, timm's atto..nano sizes);
+- ``convnext_official``: ``ConvNeXt`` from facebookresearch/ConvNeXt@048efcea897d999aed302f2639b6270aedf8d4c8,
+  ``models/convnext.py`` (official key layout: ``downsample_layers``, ``dwconv``, ``pwconv1``, ``norm``, ``head``).
+
+Every parameter is randomised, LayerNorm affines and layer-scale ``gamma`` included (``gamma`` starts at 1e-6,
+which would hide every block).
+
+The official file is not copied into this repository: give a git directory of the official repository (it is
+read at the pinned commit) or the path of its ``models/convnext.py``, via ``--official PATH`` or the environment
+variable ``CONVNEXT_OFFICIAL``. Its imports need timm (``DropPath``, ``trunc_normal_``, ``register_model``).
+
+Run with the reference venv, never in CI:
+``/work/refenv/bin/python scripts/make_fixture_convnext.py --official /path/to/ConvNeXt/.git``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from timm.models.convnext import ConvNeXt as TimmConvNeXt
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+COMMIT = "048efcea897d999aed302f2639b6270aedf8d4c8"
+NUM_CLASSES = 10
+DEPTHS, DIMS = [1, 1, 1, 1], [8, 16, 24, 32]
+
+
+def load_official(path: str) -> type[torch.nn.Module]:
+    """Import the official ``ConvNeXt`` class from a git directory (at COMMIT) or from a ``convnext.py`` file."""
+    src = Path(path)
+    if src.is_dir():
+        text = subprocess.run(["git", "--git-dir", str(src), "show", f"{COMMIT}:models/convnext.py"],
+                              check=True, capture_output=True, text=True).stdout
+        src = Path(tempfile.mkdtemp()) / "official_convnext.py"
+        src.write_text(text)
+    spec = importlib.util.spec_from_file_location("official_convnext", src)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.ConvNeXt
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial values for every parameter: norm weights and ``gamma`` around 1, the rest around 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma") or ("norm" in name and name.endswith("weight")) or \
+                    (p.ndim == 1 and name.endswith("weight")):  # LayerNorm weights (stem/downsample norms too)
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def write(name: str, model: torch.nn.Module, x: torch.Tensor, overrides: dict, reference: str, layout: str) -> None:
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(OUT / f"{name}.safetensors"))
+    save_file({"input": x.contiguous(), "output": y.contiguous()}, str(OUT / f"{name}.io.safetensors"))
+    meta = {"model": "convnext_test", "overrides": overrides, "num_classes": NUM_CLASSES, "img_size": None,
+            "reference": reference, "layout": layout, "atol": 1e-5}
+    (OUT / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(name, tuple(x.shape), "->", tuple(y.shape), f"{sum(v.numel() for v in state.values())} values")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official", default=os.environ.get("CONVNEXT_OFFICIAL"),
+                        help="git dir of facebookresearch/ConvNeXt, or its models/convnext.py")
+    args = parser.parse_args()
+    if not args.official:
+        parser.error("pass --official PATH (or set CONVNEXT_OFFICIAL) for the official fixture")
+    OUT.mkdir(parents=True, exist_ok=True)
+    timm_ref = "timm 1.0.31 timm.models.convnext.ConvNeXt"
+
+    for i, conv_mlp in enumerate((False, True)):
+        torch.manual_seed(i)
+        model = TimmConvNeXt(depths=DEPTHS, dims=DIMS, conv_mlp=conv_mlp, num_classes=NUM_CLASSES)
+        randomize(model, 10 + i)
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(20 + i))
+        overrides = dict(depths=DEPTHS, dims=DIMS, conv_mlp=conv_mlp)
+        write("convnext_timm_convmlp" if conv_mlp else "convnext_timm", model, x, overrides,
+              timm_ref + (" (conv_mlp=True)" if conv_mlp else ""), "timm")
+
+    official = load_official(args.official)
+    torch.manual_seed(2)
+    model = official(depths=DEPTHS, dims=DIMS, num_classes=NUM_CLASSES)
+    randomize(model, 12)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(22))
+    write("convnext_official", model, x, dict(depths=DEPTHS, dims=DIMS),
+          f"facebookresearch/ConvNeXt@{COMMIT} models/convnext.py ConvNeXt", "official")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""ViT and DeiT: one plain Vision Transformer, with an optional distillation token.
+
+ViT, from "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale" (Dosovitskiy et al.,
+2021). https://arxiv.org/abs/2010.11929
+DeiT, from "Training data-efficient image transformers & distillation through attention" (Touvron et al.,
+2021). https://arxiv.org/abs/2012.12877
+
+Differs from the papers: the tanh pre-logits layer that ViT uses only while pre-training is left out, as in the
+released fine-tuned weights. A distilled model returns the mean of its two heads, in training as well, unless
+``set_distilled_training(True)`` is called; then training returns ``(logits, logits_dist)``, as in timm (the
+official DeiT code returns both in every training step). Inputs of another size than the model was built for
+get a bicubic (antialiased) resample of the position table on the fly, as timm's ``dynamic_img_size``.
+
+Follows timm's ``vision_transformer.py`` and ``deit.py`` (Apache-2.0), whose state-dict keys we keep. The official
+DeiT repo (facebookresearch/deit, Apache-2.0) builds its models from timm's VisionTransformer, so its
+checkpoints are in the same layout and load with no remap. The official ViT code is JAX
+(google-research/vision_transformer, Apache-2.0); its ``.npz`` checkpoints are not read here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
+from visionzoo.layers import (
+    Attention,
+    DropPath,
+    LayerType,
+    Mlp,
+    PatchEmbed,
+    drop_path_rates,
+    get_norm,
+    is_meta,
+    resample_abs_pos_embed,
+)
+from visionzoo.registry import INCEPTION_MEAN, INCEPTION_STD, Paper, Variant, register_family
+
+__all__ = ["VisionTransformer"]
+
+POOL_TYPES = ("token", "avg")
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, norm_layer: LayerType = "ln", act_layer: LayerType = "gelu") -> None:
+        super().__init__()
+        norm = get_norm(norm_layer)
+        self.norm1 = norm(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(Backbone):
+    """Patchify, prepend a class token (and a distillation token), add a learned position table, run blocks.
+
+    Args:
+        img_size: the input size the position table is built for; other sizes (multiples of ``patch_size``)
+            resample it on the fly.
+        distilled: add DeiT's distillation token and a second head (``head_dist``); the logits are their mean.
+        global_pool: ``"token"`` classifies the class token; ``"avg"`` averages the patch tokens, and then the
+            final norm moves after the pooling (``fc_norm``), as in timm.
+        drop_rate: dropout before the classifier.
+    """
+
+    kind = "vit"
+    min_input_size = 16
+    input_multiple = 16
+    no_weight_decay_keys = ("pos_embed", "cls_token", "dist_token")
+    first_conv = "patch_embed.proj"
+    classifier = "head"
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, distilled: bool = False,
+                 global_pool: str = "token", *, in_chans: int = 3, num_classes: int = 1000, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, norm_layer: LayerType = "ln", act_layer: LayerType = "gelu") -> None:
+        super().__init__()
+        if global_pool not in POOL_TYPES:
+            raise ValueError(f"vit: global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
+        if distilled and global_pool != "token":
+            raise ValueError(f"vit: a distilled model reads the class and distillation tokens, so global_pool "
+                             f"must be 'token', got {global_pool!r}")
+        if img_size % patch_size:
+            raise ValueError(f"vit: img_size {img_size} must be a multiple of patch_size {patch_size}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.min_input_size = self.input_multiple = patch_size
+        self.global_pool = global_pool
+        self.distilled = distilled
+        self.distilled_training = False
+        self.num_prefix_tokens = 2 if distilled else 1
+        if distilled:
+            self.classifier = ("head", "head_dist")
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, output_fmt="NHWC")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
+        dpr = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.Sequential(*[ViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_layer, act_layer)
+                                      for i in range(depth)])
+        use_fc_norm = global_pool == "avg"
+        norm = get_norm(norm_layer)
+        self.norm = nn.Identity() if use_fc_norm else norm(embed_dim)
+        self.set_feature_info([FeatureInfo(embed_dim, patch_size, f"blocks.{i}") for i in range(depth)])
+
+        self.fc_norm = norm(embed_dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = self._linear(num_classes)
+        if distilled:
+            self.head_dist = self._linear(num_classes)
+        self._init_tokens()
+        self.apply(_init_weights)
+
+    def _linear(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _init_tokens(self) -> None:
+        if self.pos_embed.is_meta:
+            return
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+
+    # --- tokens -----------------------------------------------------------------------------------------
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """Image ``(B, C, H, W)`` -> tokens ``(B, prefix + H/p * W/p, D)`` with position embeddings added."""
+        x = self.patch_embed(x)  # (B, C, H, W) -> (B, H/p, W/p, D)
+        B, H, W, D = x.shape
+        pos_embed = resample_abs_pos_embed(self.pos_embed, (H, W), self.patch_embed.grid_size,
+                                           num_prefix_tokens=self.num_prefix_tokens)
+        prefix = [self.cls_token.expand(B, -1, -1)]
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(B, -1, -1))
+        x = torch.cat([*prefix, x.reshape(B, H * W, D)], dim=1)  # (B, H', W', D) -> (B, prefix + H'W', D)
+        return x + pos_embed
+
+    def stage_modules(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Tokens ``(B, N, D)`` after the final norm (before it when ``global_pool="avg"``, as in timm)."""
+        self.check_input(x)
+        x = self.forward_stem(x)
+        for block in self.blocks:
+            x = self.run_stage(block, x)
+        return self.norm(x)
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None = None
+                              ) -> list[Tensor]:
+        """Patch tokens of the chosen blocks (before the final norm) as ``(B, D, H/p, W/p)`` maps."""
+        idx = resolve_indices(indices, len(self.blocks), self.name)
+        self.check_input(x)
+        H, W = x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1]
+        x = self.forward_stem(x)
+        outs = []
+        for i, block in enumerate(self.blocks[:idx[-1] + 1]):
+            x = self.run_stage(block, x)
+            if i in idx:
+                tokens = x[:, self.num_prefix_tokens:]
+                outs.append(tokens.reshape(x.shape[0], H, W, -1).permute(0, 3, 1, 2))  # (B, HW, D) -> (B, D, H, W)
+        return outs
+
+    # --- head -------------------------------------------------------------------------------------------
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        if self.distilled:
+            x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+            if pre_logits:
+                return (x + x_dist) / 2
+            x, x_dist = self.head(x), self.head_dist(x_dist)
+            if self.distilled_training and self.training:
+                return x, x_dist
+            return (x + x_dist) / 2
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, N, D) -> (B, D)
+        else:
+            x = x[:, 0]  # class token, (B, N, D) -> (B, D)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """In training mode, return ``(logits, logits_dist)`` for a distillation loss instead of their mean."""
+        if enable and not self.distilled:
+            raise ValueError(f"{self.name}: set_distilled_training needs a model built with distilled=True")
+        self.distilled_training = enable
+
+    def get_classifier(self) -> nn.Module:
+        """The class-token head (a distilled model's second head is ``head_dist``)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        if num_classes < 0:
+            raise ValueError(f"{self.name}: num_classes must be >= 0, got {num_classes}")
+        like = {"device": self.cls_token.device, "dtype": self.cls_token.dtype}
+        self.num_classes = num_classes
+        self.head = self._linear(num_classes).to(**like).train(self.training)
+        _init_weights(self.head)
+        if self.distilled:
+            self.head_dist = self._linear(num_classes).to(**like).train(self.training)
+            _init_weights(self.head_dist)
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Resample a checkpoint's position table made for another (square) grid to this model's grid."""
+        pos = state_dict.get("pos_embed")
+        if pos is not None and pos.ndim == 3 and pos.shape[1] != self.pos_embed.shape[1]:
+            side = math.isqrt(pos.shape[1] - self.num_prefix_tokens)
+            if side * side == pos.shape[1] - self.num_prefix_tokens:
+                state_dict = dict(state_dict)
+                state_dict["pos_embed"] = resample_abs_pos_embed(pos, self.patch_embed.grid_size, (side, side),
+                                                                 num_prefix_tokens=self.num_prefix_tokens)
+        return state_dict
+
+
+def _init_weights(m: nn.Module) -> None:
+    if is_meta(m):
+        return
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+_I21K = "timm weights: augreg_in21k_ft_in1k (arXiv:2106.10270)"
+_T1 = "paper Table 1 (params)"
+_AUGREG = "not in the ViT paper; official README, AugReg table (I21k pre-training, fine-tuned at 384)"
+VIT_VARIANTS = {
+    "vit_test":              Variant(dict(embed_dim=64, depth=2, num_heads=2), params_m=0.215464, input_size=64),
+    "vit_tiny_patch16_224":  Variant(dict(embed_dim=192, depth=12, num_heads=3), params_m=5.717416, gmacs=1.26,
+                                     paper=Paper(None, None, 78.22, _AUGREG, img_size=384),
+                                     mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.9, notes=_I21K),
+    "vit_small_patch16_224": Variant(dict(embed_dim=384, depth=12, num_heads=6), params_m=22.050664, gmacs=4.61,
+                                     paper=Paper(None, None, 83.73, _AUGREG, img_size=384),
+                                     mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.9, notes=_I21K),
+    "vit_base_patch16_224":  Variant(dict(embed_dim=768, depth=12, num_heads=12), params_m=86.567656, gmacs=17.58,
+                                     paper=Paper(86, None, 81.2, f"{_T1}; official README (I21k, fine-tuned at 224)"),
+                                     mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.9,
+                                     notes="timm weights: augreg2_in21k_ft_in1k"),
+    "vit_large_patch16_224": Variant(dict(embed_dim=1024, depth=24, num_heads=16), params_m=304.326632, gmacs=61.6,
+                                     paper=Paper(307, None, 82.7, f"{_T1}; official README (I21k, fine-tuned at 224)"),
+                                     mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.9, notes=_I21K),
+    "vit_base_patch16_384":  Variant(dict(embed_dim=768, depth=12, num_heads=12), params_m=86.859496, gmacs=55.54,
+                                     paper=Paper(86, None, 83.97, f"{_T1}; Table 5 (I21k pre-training, 384)"),
+                                     input_size=384, mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=1.0,
+                                     notes=_I21K + "; official README AugReg top-1 at 384: 85.49"),
+    "vit_large_patch16_384": Variant(dict(embed_dim=1024, depth=24, num_heads=16), params_m=304.715752, gmacs=191.21,
+                                     paper=Paper(307, None, 85.15, f"{_T1}; Table 5 (I21k pre-training, 384)"),
+                                     input_size=384, mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=1.0,
+                                     notes=_I21K + "; official README AugReg top-1 at 384: 85.59"),
+    "vit_base_patch32_224":  Variant(dict(patch_size=32, embed_dim=768, depth=12, num_heads=12), params_m=88.224232,
+                                     gmacs=4.41, paper=Paper(None, None, 83.59, _AUGREG, img_size=384),
+                                     mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.9, notes=_I21K),
+}
+register_family(VisionTransformer, VIT_VARIANTS, paper="arXiv:2010.11929", kind="vit", family="vit")
+
+_README = "official README_deit.md"
+_CROSSVIT = "top-1: official README_deit.md; params, FLOPs: DeiT paper values quoted in CrossViT Table 2"
+DEIT_VARIANTS = {
+    "deit_test":                        Variant(dict(embed_dim=64, depth=2, num_heads=2, distilled=True),
+                                                params_m=0.280592, input_size=64),
+    "deit_tiny_patch16_224":            Variant(dict(embed_dim=192, depth=12, num_heads=3), params_m=5.717416,
+                                                gmacs=1.26, paper=Paper(5.7, 1.3, 72.2, _CROSSVIT), crop_pct=0.9),
+    "deit_small_patch16_224":           Variant(dict(embed_dim=384, depth=12, num_heads=6), params_m=22.050664,
+                                                gmacs=4.61, paper=Paper(22.1, 4.6, 79.9, _CROSSVIT), crop_pct=0.9),
+    "deit_base_patch16_224":            Variant(dict(embed_dim=768, depth=12, num_heads=12), params_m=86.567656,
+                                                gmacs=17.58, paper=Paper(86.6, 17.6, 81.8, _CROSSVIT), crop_pct=0.9),
+    "deit_base_patch16_384":            Variant(dict(embed_dim=768, depth=12, num_heads=12), params_m=86.859496,
+                                                gmacs=55.54, paper=Paper(87, None, 82.9, _README), input_size=384,
+                                                crop_pct=1.0),
+    "deit_tiny_distilled_patch16_224":  Variant(dict(embed_dim=192, depth=12, num_heads=3, distilled=True),
+                                                params_m=5.910800, gmacs=1.27, paper=Paper(6, None, 74.5, _README),
+                                                crop_pct=0.9),
+    "deit_small_distilled_patch16_224": Variant(dict(embed_dim=384, depth=12, num_heads=6, distilled=True),
+                                                params_m=22.436432, gmacs=4.63, paper=Paper(22, None, 81.2, _README),
+                                                crop_pct=0.9),
+    "deit_base_distilled_patch16_224":  Variant(dict(embed_dim=768, depth=12, num_heads=12, distilled=True),
+                                                params_m=87.338192, gmacs=17.68, paper=Paper(87, None, 83.4, _README),
+                                                crop_pct=0.9),
+    "deit_base_distilled_patch16_384":  Variant(dict(embed_dim=768, depth=12, num_heads=12, distilled=True),
+                                                params_m=87.630032, gmacs=55.65, paper=Paper(88, None, 85.2, _README),
+                                                input_size=384, crop_pct=1.0, notes="1000 training epochs"),
+}
+register_family(VisionTransformer, DEIT_VARIANTS, paper="arXiv:2012.12877", kind="vit", family="deit")
