@@ -167,7 +167,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike | dict[str, Tensor
                           f"{own[k].shape[1]}; adapting the first conv", stacklevel=2)
             state[k] = adapt_input_conv(state[k], own[k].shape[1])
     for k in _classifier_keys(model):
-        if k in state and (k not in own or state[k].shape != own[k].shape):
+        if k in state and (k not in own or state[k].shape[0] != own[k].shape[0]):
             got = state[k].shape[0]
             want = own[k].shape[0] if k in own else 0
             if k.endswith("weight"):
