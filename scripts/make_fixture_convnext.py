@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -30,10 +29,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from timm.models.convnext import ConvNeXt as TimmConvNeXt
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+from fixture_io import OUT, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
+
 COMMIT = "048efcea897d999aed302f2639b6270aedf8d4c8"
 NUM_CLASSES = 10
 DEPTHS, DIMS = [1, 1, 1, 1], [8, 16, 24, 32]
@@ -67,15 +66,10 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def write(name: str, model: torch.nn.Module, x: torch.Tensor, overrides: dict, reference: str, layout: str) -> None:
-    model.eval()
-    with torch.no_grad():
-        y = model(x)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(OUT / f"{name}.safetensors"))
-    save_file({"input": x.contiguous(), "output": y.contiguous()}, str(OUT / f"{name}.io.safetensors"))
+    y, state = save_fixture(name, model, x)
     meta = {"model": "convnext_test", "overrides": overrides, "num_classes": NUM_CLASSES, "img_size": None,
-            "reference": reference, "layout": layout, "atol": 1e-5}
-    (OUT / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+            "reference": reference, "layout": layout}
+    save_meta(name, meta, indent=1)
     print(name, tuple(x.shape), "->", tuple(y.shape), f"{sum(v.numel() for v in state.values())} values")
 
 

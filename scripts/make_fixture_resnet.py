@@ -13,14 +13,11 @@ Run with the reference venv, never in CI: ``/work/refenv/bin/python scripts/make
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from safetensors.torch import save_file
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+from fixture_io import OUT, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
+
 NUM_CLASSES = 10
 CHANNELS = (8, 16, 16, 32)
 
@@ -39,15 +36,10 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def write(name: str, model: torch.nn.Module, x: torch.Tensor, overrides: dict) -> None:
-    model.eval()
-    with torch.no_grad():
-        y = model(x)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(OUT / f"{name}.safetensors"))
-    save_file({"input": x.contiguous(), "output": y.contiguous()}, str(OUT / f"{name}.io.safetensors"))
+    y, state = save_fixture(name, model, x)
     meta = {"model": "resnet_test", "overrides": overrides, "num_classes": NUM_CLASSES, "img_size": None,
-            "reference": "timm 1.0.31 timm.models.resnet.ResNet", "layout": "timm", "atol": 1e-5}
-    (OUT / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+            "reference": "timm 1.0.31 timm.models.resnet.ResNet", "layout": "timm"}
+    save_meta(name, meta, indent=1)
     print(name, tuple(x.shape), "->", tuple(y.shape), f"{sum(v.numel() for v in state.values())} values")
 
 

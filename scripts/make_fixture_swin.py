@@ -26,16 +26,15 @@ Run with the reference venv, never in CI:
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from timm.models.swin_transformer import SwinTransformer
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+from fixture_io import OUT, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
+
 OFFICIAL_COMMIT = "f82860bfb5225915aca09c3227159ee9e1df874d"
 TINY = dict(embed_dim=6, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), mlp_ratio=2.0)
 
@@ -50,16 +49,11 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def write(name: str, model: torch.nn.Module, x: torch.Tensor, window_size: int, reference: str, layout: str) -> None:
-    model.eval()
-    with torch.no_grad():
-        y = model(x)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(OUT / f"{name}.safetensors"))
-    save_file({"input": x.contiguous(), "output": y.contiguous()}, str(OUT / f"{name}.io.safetensors"))
+    y, state = save_fixture(name, model, x)
     overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
     meta = {"model": "swin_test", "overrides": {**overrides, "window_size": window_size}, "num_classes": 10,
-            "img_size": 64, "reference": reference, "layout": layout, "atol": 1e-5}
-    (OUT / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+            "img_size": 64, "reference": reference, "layout": layout}
+    save_meta(name, meta, indent=2)
     sizes = [os.path.getsize(OUT / f"{name}{s}") for s in (".safetensors", ".io.safetensors")]
     print(f"{name}: input {tuple(x.shape)} output {tuple(y.shape)}, {len(state)} keys, files {sizes} bytes")
 

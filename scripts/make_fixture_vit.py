@@ -13,15 +13,12 @@ Run with the reference venv, never in CI: ``/work/refenv/bin/python scripts/make
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from safetensors.torch import save_file
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+from fixture_io import OUT, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
+
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
 OVERRIDES = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -38,16 +35,11 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def write(name: str, model: torch.nn.Module, x: torch.Tensor, our_model: str, overrides: dict) -> None:
-    model.eval()
-    with torch.no_grad():
-        y = model(x)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(OUT / f"{name}.safetensors"))
-    save_file({"input": x.contiguous(), "output": y.contiguous()}, str(OUT / f"{name}.io.safetensors"))
+    y, state = save_fixture(name, model, x)
     meta = {"model": our_model, "overrides": overrides, "num_classes": TINY["num_classes"],
             "img_size": TINY["img_size"], "reference": f"timm 1.0.31 {type(model).__module__}.{type(model).__name__}",
-            "layout": "timm", "atol": 1e-5}
-    (OUT / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+            "layout": "timm"}
+    save_meta(name, meta, indent=1)
     print(name, tuple(x.shape), "->", tuple(y.shape), f"{sum(v.numel() for v in state.values())} values")
 
 

@@ -146,7 +146,7 @@ def test_rebuild_from_variant(name, tiny_model):
 
 def test_input_size_rules(name, tiny_model):
     model = tiny_model(name)
-    m, lo = model.input_multiple, model.min_input_size
+    m = model.input_multiple
     _, h, w = model.data_config["input_size"]
     bigger = torch.randn(1, model.in_chans, h + m, w)
     with torch.no_grad():

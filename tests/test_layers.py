@@ -7,8 +7,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionzoo.layers import (
-    Attention, ClassifierHead, ConvMlp, DropPath, FrozenBatchNorm2d, LayerNorm2d, Mlp, PatchEmbed, drop_path_rates,
-    fold_bn, fuse_conv_bn_pairs, get_act, get_norm, resample_abs_pos_embed, window_partition, window_reverse,
+    Attention,
+    ClassifierHead,
+    ConvMlp,
+    DropPath,
+    FrozenBatchNorm2d,
+    LayerNorm2d,
+    Mlp,
+    PatchEmbed,
+    drop_path_rates,
+    fold_bn,
+    fuse_conv_bn_pairs,
+    get_act,
+    get_norm,
+    resample_abs_pos_embed,
+    window_partition,
+    window_reverse,
 )
 
 

@@ -20,7 +20,6 @@ def test_params_match_official(name):
     assert all(f.module in modules for f in model.feature_info)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL_MODELS)
 def test_macs_match_official(name):
     v = get_variant(name)

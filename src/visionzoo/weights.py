@@ -128,16 +128,16 @@ def to_model_layout(model: nn.Module, state: dict[str, Tensor]) -> tuple[dict[st
 @torch.no_grad()
 def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
     """Fit a first-conv weight ``(O, I, kh, kw)`` to ``in_chans`` inputs: sum for 1, tile and rescale otherwise."""
-    I = weight.shape[1]
-    if in_chans == I:
+    n_in = weight.shape[1]
+    if in_chans == n_in:
         return weight
     dtype = weight.dtype
     w = weight.float()
     if in_chans == 1:
         w = w.sum(dim=1, keepdim=True)
     else:
-        reps = -(-in_chans // I)
-        w = w.repeat(1, reps, 1, 1)[:, :in_chans] * (I / in_chans)
+        reps = -(-in_chans // n_in)
+        w = w.repeat(1, reps, 1, 1)[:, :in_chans] * (n_in / in_chans)
     return w.to(dtype)
 
 

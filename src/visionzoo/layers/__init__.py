@@ -4,7 +4,7 @@ from .attention import Attention
 from .conv import fold_bn, fuse_conv_bn_pairs
 from .drop import DropPath, drop_path, drop_path_rates
 from .head import ClassifierHead
-from .init import init_trunc_normal, is_meta
+from .init import init_linear, init_trunc_normal, is_meta
 from .mlp import ConvMlp, Mlp
 from .norm import FrozenBatchNorm2d, LayerNorm, LayerNorm2d, get_norm
 from .patch_embed import PatchEmbed, to_2tuple
@@ -14,6 +14,6 @@ from .window import window_partition, window_reverse
 __all__ = [
     "Attention", "ClassifierHead", "ConvMlp", "DropPath", "FrozenBatchNorm2d", "LayerNorm", "LayerNorm2d",
     "LayerType", "Mlp", "PatchEmbed", "drop_path", "drop_path_rates", "fold_bn", "fuse_conv_bn_pairs", "get_act",
-    "get_norm", "init_trunc_normal", "is_meta", "resample_abs_pos_embed", "to_2tuple", "window_partition",
-    "window_reverse",
+    "get_norm", "init_linear", "init_trunc_normal", "is_meta", "resample_abs_pos_embed", "to_2tuple",
+    "window_partition", "window_reverse",
 ]

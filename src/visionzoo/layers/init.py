@@ -9,6 +9,14 @@ def is_meta(m: nn.Module) -> bool:
     return w is not None and w.is_meta
 
 
+def init_linear(m: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal weights and zero bias for Linear layers only (the ViT-style init)."""
+    if isinstance(m, nn.Linear) and not is_meta(m):
+        nn.init.trunc_normal_(m.weight, std=std)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def init_trunc_normal(m: nn.Module, std: float = 0.02) -> None:
     """Truncated-normal weights and zero bias for Linear and Conv layers; LayerNorm to (1, 0)."""
     if is_meta(m):

@@ -147,29 +147,31 @@ _README = "official README, ImageNet-1K trained table"
 _README22K = "official README, ImageNet-22K trained table (22K pre-train -> 1K fine-tune)"
 _TIMM = "timm-original size (not in the paper): top-1 from timm results-imagenet.csv ({tag}, 224, crop {crop}); " \
         "params/GMACs from the timm model card"
+# atto..nano: gmacs is timm's code counted with torch.utils.flop_counter (the model card rounds to 0.1)
 _SMALL = dict(conv_mlp=True)
 
 VARIANTS = {
     "convnext_test":   Variant(dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64)), params_m=0.15748,
                                input_size=64, notes="tiny config for tests"),
     "convnext_atto":   Variant(dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), **_SMALL), params_m=3.695520,
-                               gmacs=0.6, paper=Paper(3.7, 0.6, 75.672, _TIMM.format(tag="d2_in1k", crop=0.875)),
+                               gmacs=0.547, paper=Paper(3.7, 0.6, 75.672, _TIMM.format(tag="d2_in1k", crop=0.875)),
                                notes="timm weights convnext_atto.d2_in1k"),
     "convnext_femto":  Variant(dict(depths=(2, 2, 6, 2), dims=(48, 96, 192, 384), **_SMALL), params_m=5.217784,
-                               gmacs=0.8, paper=Paper(5.2, 0.8, 77.498, _TIMM.format(tag="d1_in1k", crop=0.875)),
+                               gmacs=0.780, paper=Paper(5.2, 0.8, 77.498, _TIMM.format(tag="d1_in1k", crop=0.875)),
                                notes="timm weights convnext_femto.d1_in1k"),
     "convnext_pico":   Variant(dict(depths=(2, 2, 6, 2), dims=(64, 128, 256, 512), **_SMALL), params_m=9.045672,
-                               gmacs=1.4, paper=Paper(9.0, 1.4, 79.516, _TIMM.format(tag="d1_in1k", crop=0.875)),
+                               gmacs=1.367, paper=Paper(9.0, 1.4, 79.516, _TIMM.format(tag="d1_in1k", crop=0.875)),
                                notes="timm weights convnext_pico.d1_in1k"),
     "convnext_nano":   Variant(dict(depths=(2, 2, 8, 2), dims=(80, 160, 320, 640), **_SMALL), params_m=15.593560,
-                               gmacs=2.5, paper=Paper(15.6, 2.5, 80.762, _TIMM.format(tag="d1h_in1k", crop=0.95)),
+                               gmacs=2.446, paper=Paper(15.6, 2.5, 80.762, _TIMM.format(tag="d1h_in1k", crop=0.95)),
                                crop_pct=0.95, notes="timm weights convnext_nano.d1h_in1k"),
     "convnext_tiny":   Variant(dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)), params_m=28.589128, gmacs=4.466,
                                paper=Paper(28, 4.5, 82.1, _README), notes="weights convnext_tiny.fb_in1k"),
     "convnext_small":  Variant(dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)), params_m=50.223688, gmacs=8.701,
                                paper=Paper(50, 8.7, 83.1, _README), notes="weights convnext_small.fb_in1k"),
     "convnext_base":   Variant(dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)), params_m=88.591464,
-                               gmacs=15.378, paper=Paper(89, 15.4, 83.8, _README), notes="weights convnext_base.fb_in1k"),
+                               gmacs=15.378, paper=Paper(89, 15.4, 83.8, _README),
+                               notes="weights convnext_base.fb_in1k"),
     "convnext_large":  Variant(dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)), params_m=197.767336,
                                gmacs=34.396, paper=Paper(198, 34.4, 84.3, _README),
                                notes="weights convnext_large.fb_in1k"),

@@ -29,7 +29,7 @@ from visionzoo.layers import (
     PatchEmbed,
     drop_path_rates,
     get_norm,
-    is_meta,
+    init_linear,
     window_partition,
     window_reverse,
 )
@@ -281,12 +281,7 @@ class SwinTransformer(Backbone):
 def _init_weights(m: nn.Module) -> None:
     if isinstance(m, SwinWindowAttention) and not m.relative_position_bias_table.is_meta:
         nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
-    if is_meta(m):  # meta: shapes only, skip the slow init
-        return
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+    init_linear(m, std=0.02)
 
 
 _HUB = "official MODELHUB.md, Swin-V1 table"

@@ -32,7 +32,7 @@ from visionzoo.layers import (
     PatchEmbed,
     drop_path_rates,
     get_norm,
-    is_meta,
+    init_linear,
     resample_abs_pos_embed,
 )
 from visionzoo.registry import INCEPTION_MEAN, INCEPTION_STD, Paper, Variant, register_family
@@ -225,12 +225,7 @@ class VisionTransformer(Backbone):
 
 
 def _init_weights(m: nn.Module) -> None:
-    if is_meta(m):
-        return
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+    init_linear(m, std=0.02)
 
 
 _I21K = "timm weights: augreg_in21k_ft_in1k (arXiv:2106.10270)"
