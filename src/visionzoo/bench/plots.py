@@ -68,6 +68,16 @@ def _caption(pts: list[BenchResult]) -> str:
             + ("; hollow = contended run" if any(p.status == "contended" for p in pts) else ""))
 
 
+def _save(plt, fig, ax, ylabel: str, path: str) -> str:  # noqa: ANN001
+    """Label the throughput axis and ``ylabel``, write the PNG and free the figure."""
+    ax.set_xlabel("throughput (img/s)")
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_top1_vs_throughput(results: list[BenchResult], path: str) -> str:
     pts = [r for r in _points(results) if r.top1 is not None]
     plt, fig, ax = _figure("reported ImageNet top-1 vs measured throughput\n" + _caption(pts))
@@ -80,12 +90,7 @@ def plot_top1_vs_throughput(results: list[BenchResult], path: str) -> str:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no measured model has a reported top-1", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("throughput (img/s)")
-    ax.set_ylabel("top-1 (%)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, "top-1 (%)", path)
 
 
 def plot_gmacs_vs_throughput(results: list[BenchResult], path: str) -> str:
@@ -96,12 +101,7 @@ def plot_gmacs_vs_throughput(results: list[BenchResult], path: str) -> str:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no successful measurements", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("throughput (img/s)")
-    ax.set_ylabel("GMACs / image")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, "GMACs / image", path)
 
 
 def write_plots(results: list[BenchResult], out_dir: str, name: str = "bench") -> dict[str, str]:
