@@ -27,3 +27,19 @@ def test_macs_match_official(name):
         pytest.skip(f"{name}: no official MAC count recorded")
     got = visionzoo.profile(name).gmacs
     assert abs(got - v.gmacs) <= 0.05 * v.gmacs, f"{name}: {got:.3f} GMACs vs official {v.gmacs}"
+
+
+DEPLOY_MODELS = [n for n in FULL_MODELS if get_variant(n).deploy_params_m is not None]
+
+
+@pytest.mark.parametrize("name", DEPLOY_MODELS)
+def test_deploy_form_matches_official(name):
+    v = get_variant(name)
+    with torch.device("meta"):
+        model = visionzoo.create_model(name).eval()
+        model.fuse()
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(n - v.deploy_params_m) <= 0.005 * v.deploy_params_m, f"{name}: deploy {n:.3f}M vs {v.deploy_params_m}M"
+    if v.deploy_gmacs is not None:
+        got = visionzoo.profile(model).gmacs
+        assert abs(got - v.deploy_gmacs) <= 0.05 * v.deploy_gmacs, f"{name}: deploy {got:.3f} vs {v.deploy_gmacs}"

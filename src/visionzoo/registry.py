@@ -38,12 +38,15 @@ class Variant:
     ``args`` holds the structural constructor arguments (plain data only). ``params_m`` is the exact
     parameter count of the official (or timm) implementation with a 1000-class head, in millions, which
     the tests check ours against; ``gmacs`` is the official implementation's MAC count at ``input_size``
-    when known. ``paper`` holds the rounded figures the paper reports.
+    when known. ``paper`` holds the rounded figures the paper reports. Re-parameterisable families also
+    record the official deploy form (after ``model.fuse()``) in ``deploy_params_m`` / ``deploy_gmacs``.
     """
 
     args: dict[str, Any]
     params_m: float | None = None
     gmacs: float | None = None
+    deploy_params_m: float | None = None
+    deploy_gmacs: float | None = None
     paper: Paper = field(default_factory=Paper)
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN

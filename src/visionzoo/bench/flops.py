@@ -2,12 +2,15 @@
 
 ``FlopCounterMode`` has formulas for conv, (b)mm, addmm and the fused attention kernels of CUDA, but not
 for ``aten._scaled_dot_product_flash_attention_for_cpu``, which it counts as zero; we register the same
-formula for it. MACs are FLOPs / 2: every counted op is a multiply-accumulate. Activations are the
+formula for it. FFTs (global-filter layers) are counted with the radix-2 estimate, 5 N log2 N real FLOPs
+per complex transform of N points and half that for real-input/real-output ones, per transformed signal.
+MACs are FLOPs / 2: every counted op is a multiply-accumulate (for FFTs: half their FLOPs). Activations are the
 output elements of the counted ops (fvcore's convention). Elementwise ops, norms and softmax are not
 counted, as in the papers' tables.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +25,26 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-CUSTOM_FLOPS = {}
+def _fft_flops(input_shape, dim, *args, out_shape=None, real: bool = False, **kwargs) -> int:  # noqa: ANN001
+    """5 N log2 N per complex transform of N points (2.5 N log2 N when the input or output is real)."""
+    numel = math.prod(input_shape)
+    n = math.prod(input_shape[d] for d in dim) if dim else 1
+    if n <= 1:
+        return 0
+    per_point = (2.5 if real else 5.0) * math.log2(n)
+    return int(per_point * max(numel, math.prod(out_shape) if out_shape else 0))
+
+
+def _fft_c2r_flops(input_shape, dim, normalization, last_dim_size, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+    full = list(out_shape) if out_shape else list(input_shape)
+    return _fft_flops(tuple(full), dim, real=True)
+
+
+CUSTOM_FLOPS = {
+    aten._fft_r2c: lambda input_shape, dim, *a, out_shape=None, **k: _fft_flops(input_shape, dim, real=True),
+    aten._fft_c2c: lambda input_shape, dim, *a, out_shape=None, **k: _fft_flops(input_shape, dim),
+    aten._fft_c2r: _fft_c2r_flops,
+}
 if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
     CUSTOM_FLOPS[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
 
