@@ -33,19 +33,10 @@ from pathlib import Path
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
-from fixture_io import OUT, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
+from fixture_io import OUT, randomize_all, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
 
 OFFICIAL_COMMIT = "f82860bfb5225915aca09c3227159ee9e1df874d"
 TINY = dict(embed_dim=6, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), mlp_ratio=2.0)
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Non-trivial values for every parameter: norm scales around 1, everything else (bias tables too) around 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_norm_scale = name.endswith("weight") and p.ndim == 1
-            p.copy_((1.0 if is_norm_scale else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
 
 
 def write(name: str, model: torch.nn.Module, x: torch.Tensor, window_size: int, reference: str, layout: str) -> None:
@@ -74,14 +65,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = SwinTransformer(img_size=64, window_size=4, num_classes=10, drop_path_rate=0.0, **TINY)
-    randomize(model, seed=1)
+    randomize_all(model, seed=1)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     write("swin_timm", model, x, 4, timm_ref, "timm")
 
     torch.manual_seed(0)
     model = SwinTransformer(img_size=64, window_size=5, num_classes=10, drop_path_rate=0.0, dynamic_img_size=True,
                             **TINY)
-    randomize(model, seed=3)
+    randomize_all(model, seed=3)
     x = torch.randn(2, 3, 96, 64, generator=torch.Generator().manual_seed(4))
     write("swin_timm_dynsize", model, x, 5, f"{timm_ref} (dynamic_img_size=True)", "timm")
 
@@ -90,7 +81,7 @@ def main() -> None:
     model = official(img_size=64, patch_size=4, in_chans=3, num_classes=10, window_size=4, drop_path_rate=0.0,
                      embed_dim=TINY["embed_dim"], depths=list(TINY["depths"]), num_heads=list(TINY["num_heads"]),
                      mlp_ratio=TINY["mlp_ratio"])
-    randomize(model, seed=5)
+    randomize_all(model, seed=5)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     write("swin_official", model, x, 4,
           f"microsoft/Swin-Transformer@{OFFICIAL_COMMIT} models/swin_transformer.py SwinTransformer", "official")

@@ -165,12 +165,13 @@ def test_fuse_keeps_eval_output(name, tiny_model):
     model = tiny_model(name)
     randomize_bn(model)
     x = make_input(model)
+    had_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     with torch.no_grad():
         ref = model(x)
         n_before = sum(p.numel() for p in model.parameters())
         fused = model.fuse()
         out = fused(x)
-    assert torch.allclose(ref, out, atol=1e-4), (ref - out).abs().max()
-    has_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    assert not has_bn, "fuse() left a BatchNorm2d behind"
-    assert sum(p.numel() for p in fused.parameters()) <= n_before
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), "fuse() left a BatchNorm2d behind"
+    n_after = sum(p.numel() for p in fused.parameters())
+    assert n_after < n_before if had_bn else n_after <= n_before, (n_before, n_after)

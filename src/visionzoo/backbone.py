@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from visionzoo.layers import ClassifierHead, LayerType, fuse_conv_bn_pairs
+from visionzoo.layers import ClassifierHead, LayerType, fuse_conv_bn_pairs, init_linear
 
 
 class FeatureInfo(NamedTuple):
@@ -96,6 +96,25 @@ class Backbone(nn.Module):
         self.num_classes = num_classes
         self.head = ClassifierHead(num_features, num_classes, pool_type, drop_rate, norm_layer)
 
+    def init_linear_head(self, num_features: int, num_classes: int, drop_rate: float = 0.0,
+                         pool: str = "avg") -> None:
+        """A bare ``nn.Linear`` classifier at the module path ``self.classifier`` (official layouts name it
+        ``head``, ``fc``, ...), after pooling (``"avg"``: mean of an NCHW map; ``"token"``: token 0 of
+        ``(B, N, C)`` tokens) and dropout (``self.head_drop``). A family whose head has a hidden layer sets
+        ``head_hidden_size`` after this call and overrides ``forward_head``; ``reset_classifier`` works as is."""
+        if pool not in ("avg", "token"):
+            raise ValueError(f"linear head: pool must be 'avg' or 'token', got {pool!r}")
+        self.num_features = self.head_hidden_size = num_features
+        self.num_classes = num_classes
+        self.head_pool = pool
+        self.head_drop = nn.Dropout(drop_rate)
+        self._linear_head = True
+        self._set_classifier(nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity())
+
+    def _set_classifier(self, module: nn.Module) -> None:
+        parent, _, leaf = self.classifier.rpartition(".")
+        setattr(self.get_submodule(parent) if parent else self, leaf, module)
+
     @property
     def name(self) -> str:
         return self.variant[0] if self.variant else type(self).__name__
@@ -157,6 +176,10 @@ class Backbone(nn.Module):
         return outs
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if getattr(self, "_linear_head", False):
+            x = x[:, 0] if self.head_pool == "token" else x.mean((2, 3))  # (B, N, C) | (B, C, H, W) -> (B, C)
+            x = self.head_drop(x)
+            return x if pre_logits else self.get_classifier()(x)
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
@@ -171,7 +194,14 @@ class Backbone(nn.Module):
         """Replace the final linear layer with a fresh one of ``num_classes`` outputs (0 = none)."""
         if num_classes < 0:
             raise ValueError(f"{self.name}: num_classes must be >= 0, got {num_classes}")
-        self.head.reset(num_classes)
+        if getattr(self, "_linear_head", False):
+            ref = next(self.parameters())
+            new = (nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype)
+                   if num_classes > 0 else nn.Identity())
+            init_linear(new)
+            self._set_classifier(new.train(self.training))
+        else:
+            self.head.reset(num_classes)
         self.num_classes = num_classes
 
     def set_features_only(self, out_indices: int | list[int] | tuple[int, ...] | None = None) -> None:

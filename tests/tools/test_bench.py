@@ -117,3 +117,26 @@ def test_cli_bench(tmp_path, capsys):
     out = capsys.readouterr().out
     assert TEST_MODELS[0] in out and "OMP_WAIT_POLICY" in out
     assert (tmp_path / "bench.csv").exists() and (tmp_path / "bench.json").exists()
+
+
+def test_fuse_and_channels_last_rows_say_so():
+    rows = run(TEST_MODELS[:1], BenchConfig(subprocess=False, fuse=True, channels_last=True,
+                                            **{**TINY, "batch_sizes": (2,)}))
+    (r,) = rows
+    assert r.status != "error", r.error
+    assert r.fused and r.channels_last and r.infer_samples_per_sec > 0
+
+
+def test_compile_failure_is_an_error_row():
+    rows = run(TEST_MODELS[:1], BenchConfig(subprocess=False, compile="no-such-mode", **{**TINY, "batch_sizes": (2,)}))
+    (r,) = rows
+    assert r.status == "error" and "no-such-mode" in r.error
+
+
+@pytest.mark.slow
+def test_deploy_path_compiles_frozen_and_matches_eager():
+    rows = run(TEST_MODELS[:1], BenchConfig(subprocess=False, fuse=True, channels_last=True, compile="default",
+                                            **{**TINY, "batch_sizes": (2,)}))
+    (r,) = rows
+    assert r.status != "error", r.error
+    assert r.compile == "default" and r.infer_compile_time > 0 and r.infer_samples_per_sec > 0

@@ -1,19 +1,24 @@
 """Shared building blocks, re-exported by name."""
 from .act import LayerType, get_act
 from .attention import Attention
-from .conv import fold_bn, fuse_conv_bn_pairs
+from .class_token import LastStageClassTokenMixin
+from .conv import fold_bn, fold_bn_into_conv, fuse_conv_bn_pairs
 from .drop import DropPath, drop_path, drop_path_rates
 from .head import ClassifierHead
 from .init import init_linear, init_trunc_normal, is_meta
+from .map_block import MapTokenBlock
 from .mlp import ConvMlp, Mlp
 from .norm import FrozenBatchNorm2d, LayerNorm, LayerNorm2d, get_norm
 from .patch_embed import PatchEmbed, to_2tuple
 from .pos_embed import resample_abs_pos_embed
+from .sr_attention import SpatialReductionAttention
+from .wavelet import HaarDWT, haar_dwt2d
 from .window import window_partition, window_reverse
 
 __all__ = [
-    "Attention", "ClassifierHead", "ConvMlp", "DropPath", "FrozenBatchNorm2d", "LayerNorm", "LayerNorm2d",
-    "LayerType", "Mlp", "PatchEmbed", "drop_path", "drop_path_rates", "fold_bn", "fuse_conv_bn_pairs", "get_act",
-    "get_norm", "init_linear", "init_trunc_normal", "is_meta", "resample_abs_pos_embed", "to_2tuple",
+    "Attention", "ClassifierHead", "ConvMlp", "DropPath", "FrozenBatchNorm2d", "HaarDWT", "LastStageClassTokenMixin",
+    "LayerNorm", "LayerNorm2d", "LayerType", "MapTokenBlock", "Mlp", "PatchEmbed", "SpatialReductionAttention",
+    "drop_path", "drop_path_rates", "fold_bn", "fold_bn_into_conv", "fuse_conv_bn_pairs", "get_act", "get_norm",
+    "haar_dwt2d", "init_linear", "init_trunc_normal", "is_meta", "resample_abs_pos_embed", "to_2tuple",
     "window_partition", "window_reverse",
 ]

@@ -45,3 +45,30 @@ def fuse_conv_bn_pairs(module: nn.Module) -> int:
                     m._modules[b] = nn.Identity()
                     count += 1
     return count
+
+
+@torch.no_grad()
+def fold_bn_into_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """Return a conv with bias that computes ``conv(bn(x))`` in eval mode; ``conv`` must have no padding."""
+    pad = conv.padding
+    if not (pad == "valid" or (isinstance(pad, tuple) and all(p == 0 for p in pad))):
+        raise ValueError(f"fold_bn_into_conv: the conv has padding {conv.padding}; a BatchNorm before a padded "
+                         f"conv does not fold exactly (only padding 0, e.g. a 1x1 conv)")
+    if bn.num_features != conv.in_channels:
+        raise ValueError(f"fold_bn_into_conv: BatchNorm has {bn.num_features} channels, the conv takes "
+                         f"{conv.in_channels}")
+    std = (bn.running_var + bn.eps).sqrt()
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    scale = gamma / std
+    shift = beta - bn.running_mean * scale
+    out_ch, in_per_group = conv.out_channels, conv.in_channels // conv.groups
+    # the input channel that weight[o, j] reads: group(o) * in_per_group + j
+    scale_w = scale.view(conv.groups, 1, in_per_group).expand(-1, out_ch // conv.groups, -1).reshape(out_ch, -1)
+    shift_w = shift.view(conv.groups, 1, in_per_group).expand(-1, out_ch // conv.groups, -1).reshape(out_ch, -1)
+    fused = nn.Conv2d(conv.in_channels, out_ch, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                      conv.groups, bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
+    fused.weight.copy_(conv.weight * scale_w[:, :, None, None])
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(fused.bias)
+    fused.bias.copy_(bias + (conv.weight.sum((2, 3)) * shift_w).sum(1))
+    return fused

@@ -146,10 +146,7 @@ class ResNet(Backbone):
         self.num_stages = len(depths)
         self.set_feature_info(infos)
 
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.num_classes = num_classes
-        self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.init_linear_head(dims[-1], num_classes, drop_rate)
         self.apply(_init_weights)
 
     def forward_stem(self, x: Tensor) -> Tensor:
@@ -157,18 +154,6 @@ class ResNet(Backbone):
 
     def stage_modules(self) -> list[nn.Module]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_drop(x.mean((2, 3)))  # (B, C, H, W) -> (B, C)
-        return x if pre_logits else self.fc(x)
-
-    def reset_classifier(self, num_classes: int) -> None:
-        if num_classes < 0:
-            raise ValueError(f"{self.name}: num_classes must be >= 0, got {num_classes}")
-        w = self.conv1.weight
-        self.fc = (nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype)
-                   if num_classes > 0 else nn.Identity())
-        self.num_classes = num_classes
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -1,0 +1,44 @@
+"""InceptionNeXt-specific checks: token-mixer channel split, every BN folded (also on meta), MLP head."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from visionzoo import create_model, load_checkpoint
+from visionzoo.models.inception_next import InceptionDWConv2d
+
+torch.set_num_threads(1)
+
+
+def test_token_mixer_split():
+    mixer = InceptionDWConv2d(40, band_kernel_size=9, branch_ratio=0.25)  # the atto mixer
+    assert mixer.split_indexes == (10, 10, 10, 10)
+    assert mixer.dwconv_w.kernel_size == (1, 9) and mixer.dwconv_h.kernel_size == (9, 1)
+    assert InceptionDWConv2d(96).split_indexes == (60, 12, 12, 12)
+    x = torch.randn(1, 40, 8, 8)
+    assert torch.equal(mixer(x)[:, :10], x[:, :10])  # the identity share passes through untouched
+    with pytest.raises(ValueError, match="branch_ratio"):
+        InceptionDWConv2d(8, branch_ratio=0.5)
+
+
+def test_fuse_folds_every_bn_and_works_on_meta():
+    with torch.device("meta"):
+        model = create_model("inception_next_atto").eval()
+        n_bn = sum(2 * m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        before = sum(p.numel() for p in model.parameters())
+        model.fuse()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    # every fold adds nothing: conv biases already exist, so the BN affines are simply gone
+    assert sum(p.numel() for p in model.parameters()) == before - n_bn
+
+
+def test_mlp_head_and_timm_classifier_key():
+    torch.manual_seed(0)
+    model = create_model("inception_next_test", num_classes=10).eval()
+    assert model.head_hidden_size == 3 * model.num_features
+    assert "head.fc2.weight" in model.state_dict() and "head.norm.weight" in model.state_dict()
+    other = create_model("inception_next_test", num_classes=5).eval()
+    with pytest.warns(UserWarning, match="classes"):
+        load_checkpoint(other, model.state_dict())  # a 10-class timm-layout checkpoint into a 5-class model
+    torch.testing.assert_close(other.head.fc1.weight, model.head.fc1.weight)

@@ -1,0 +1,105 @@
+"""VanillaNet-specific checks: the deep-training ramp, fuse refusal before it ends, deploy-form checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from conftest import randomize_bn
+from visionzoo import create_model, load_model, save
+from visionzoo.weights import CheckpointError
+
+torch.set_num_threads(1)
+
+
+def _tiny(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model("vanillanet_test", num_classes=10, **kwargs).eval()
+    randomize_bn(model)
+    return model
+
+
+def test_fuse_refused_before_ramp_ends():
+    model = _tiny(act_learn=0.4)
+    with pytest.raises(ValueError, match=r"act_learn is \[0.4\].*set_act_ramp\(1.0\)"):
+        model.fuse()
+    assert hasattr(model, "stem1") and not model.deploy  # nothing was changed
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        mid = model(x)
+        model.set_act_ramp(1.0)
+        ref = model(x)
+        model.fuse()
+        out = model(x)
+    assert not torch.allclose(mid, ref, atol=1e-3)  # the ramp changes the function: fusing at 0.4 would be wrong
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_set_act_ramp_reaches_every_layer_and_checks_range():
+    model = _tiny()
+    assert model.act_learn == 1.0  # default: a trained network
+    model.set_act_ramp(0.0)
+    assert {b.act_learn for b in model.stages} == {0.0}
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.set_act_ramp(1.5)
+    model.set_act_ramp(1.0)
+    model.fuse()
+    with pytest.raises(ValueError, match="deploy form"):
+        model.set_act_ramp(0.5)
+
+
+def test_ramp_zero_is_relu_between_pairs():
+    model = _tiny(act_learn=0.0)
+    block = model.stages[0]
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        want = block.act(block.pool(block.conv2(torch.relu(block.conv1(x)))))
+        torch.testing.assert_close(block(x), want)
+
+
+def test_deploy_checkpoint_loads_into_deploy_model(tmp_path):
+    model = _tiny()
+    x = torch.randn(2, 3, 64, 64)
+    model.fuse()
+    with torch.no_grad():
+        ref = model(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    path = tmp_path / "deploy.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    deploy = create_model("vanillanet_test", num_classes=10, deploy=True, checkpoint_path=str(path)).eval()
+    assert {k: v.shape for k, v in deploy.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), ref, atol=0, rtol=0)
+    assert deploy.fuse() is deploy  # already fused: a no-op
+    again = load_model(save(model, tmp_path / "ours.safetensors")).eval()  # our format records deploy=True
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ref, atol=0, rtol=0)
+    with pytest.raises(CheckpointError), pytest.warns(UserWarning, match="build with deploy=True"):
+        create_model("vanillanet_test", num_classes=10, checkpoint_path=str(path))
+
+
+def test_other_class_count_reinitialises_the_whole_head(tmp_path):
+    model = _tiny()
+    path = tmp_path / "train.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.warns(UserWarning, match="classifier"):
+        other = create_model("vanillanet_test", num_classes=5, checkpoint_path=str(path))
+    assert other.cls1[3].running_mean.shape == (5,)
+    assert torch.equal(other.stages[1].act.weight, model.stages[1].act.weight)
+    with pytest.warns(UserWarning, match="classifier"):
+        headless = create_model("vanillanet_test", num_classes=0, checkpoint_path=str(path)).eval()
+    with torch.no_grad():
+        assert headless(torch.randn(2, 3, 64, 64)).shape == (2, 128)
+
+
+def test_key_layout_matches_official():
+    with torch.device("meta"):
+        train = create_model("vanillanet_5").state_dict()
+        deploy = create_model("vanillanet_5", deploy=True).state_dict()
+    assert len(train) == 89 and len(deploy) == 18  # the official model's state_dict, before / after switch_to_deploy
+    assert {"stem1.0.weight", "stem1.1.running_var", "stem2.0.bias", "stem2.2.weight", "stem2.2.bn.weight",
+            "stages.0.conv1.0.weight", "stages.2.conv2.1.running_mean", "stages.2.act.bn.bias", "cls1.2.weight",
+            "cls1.3.running_var", "cls2.0.weight"} <= set(train)
+    assert {"stem.0.weight", "stem.1.weight", "stem.1.bias", "stages.1.conv.weight", "stages.1.act.bias",
+            "cls.2.weight", "cls.2.bias"} <= set(deploy)
