@@ -7,7 +7,7 @@ git directory or file and never copied into this repository. Get the git directo
 timm's ``DropPath``/``trunc_normal_``/``register_model``, so it runs in the reference venv.
 
 All three use the official ``HorNet`` class with depths 1/1/1/1, base_dim 4 (dims 4/8/16/32), gnConv orders 2/3/4/5
-and scale 1/3, 10 classes, every parameter randomised (``fixture_random.randomize_all``; layer-scale ``gamma``
+and scale 1/3, 10 classes, every parameter randomised (``fixture_io.randomize_all``; layer-scale ``gamma``
 starts at 1e-6, which would hide every block), on a 2x3x64x64 input. Writes to tests/fixtures/:
 
 - ``hornet_7x7``: depthwise 7x7 gnConv in every stage (the ``*_7x7`` variants);

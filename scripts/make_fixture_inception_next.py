@@ -1,7 +1,7 @@
 """Parity fixtures for InceptionNeXt against timm 1.0.31 (``timm.models.inception_next.MetaNeXt``, Apache-2.0).
 
 Both use depths 1/1/1/1, dims 8/16/24/32, MLP ratios 4/4/4/3, 10 classes, a 2x3x64x64 input, and every parameter
-and BatchNorm running statistic randomised with ``fixture_random.randomize_all`` (layer-scale ``gamma`` starts
+and BatchNorm running statistic randomised with ``fixture_io.randomize_all`` (layer-scale ``gamma`` starts
 at 1e-6, which would hide every block).
 Writes to tests/fixtures/:
 

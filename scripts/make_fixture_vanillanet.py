@@ -10,7 +10,7 @@ on a 64 px input:
   state_dict has the deploy key layout (``stem``, ``stages.i.conv``, ``act.bias``, ``cls``) and is loaded into
   our ``deploy=True`` model.
 
-Every weight and BatchNorm statistic is randomised (``fixture_official.randomize_fan_in``; the official init,
+Every weight and BatchNorm statistic is randomised (``fixture_io.randomize_fan_in``; the official init,
 trunc-normal 0.02, would make the output nearly constant).
 
 The official file is not copied into this repository: give a git directory of the official repository (read at

@@ -218,27 +218,28 @@ class RepLKNet(Backbone):
 
 
 _README = "official README"
-_DEPLOY = ("params_m: official train-time model; deploy_params_m: after our fuse(), which also folds the pre-norm BNs "
-           "and freezes the final BN (official structural_reparam: {rp}M, then deep_fuse_BN: {df}M). {macs}")
+_DEPLOY = ("params_m: official train-time model; deploy_params_m: the official structural_reparam model; our fuse() "
+           "also folds the pre-norm BNs and freezes the final BN, so it ends at {ours}M (official deep_fuse_BN: "
+           "{df}M). {macs}")
 VARIANTS = {
     "replknet_test": Variant(dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), large_kernels=(13, 11, 9, 7)),
                              input_size=64, notes="tiny config for tests"),
-    "replknet_31b":  Variant(dict(), params_m=79.864168, gmacs=15.514, deploy_params_m=79.388776, deploy_gmacs=15.424,
+    "replknet_31b":  Variant(dict(), params_m=79.864168, gmacs=15.514, deploy_params_m=79.527272, deploy_gmacs=15.424,
                              paper=Paper(79, 15.3, 83.5, _README + " 'ImageNet-1K Models' (224, IN-1K only)"),
-                             notes=_DEPLOY.format(rp=79.527272, df=79.438952, macs=(
+                             notes=_DEPLOY.format(ours=79.388776, df=79.438952, macs=(
                                  "gmacs/deploy_gmacs: fvcore on the official train / structural_reparam model (it "
                                  "counts BN); ours (convs + linear): 15.431 / 15.354"))),
     "replknet_31l":  Variant(dict(dims=(192, 384, 768, 1536)), params_m=172.671016, gmacs=96.0,
-                             deploy_params_m=171.957928, deploy_gmacs=96.298, input_size=384, crop_pct=1.0,
+                             deploy_params_m=172.165672, deploy_gmacs=96.298, input_size=384, crop_pct=1.0,
                              paper=Paper(172, 96.0, 86.6, _README + " 'ImageNet-22K Models' (IN-22K -> 1K, 384)"),
-                             notes=_DEPLOY.format(rp=172.165672, df=172.033192, macs=(
+                             notes=_DEPLOY.format(ours=171.957928, df=172.033192, macs=(
                                  "gmacs: README at 384; deploy_gmacs: fvcore on the official structural_reparam "
                                  "model at 384 (it counts BN); ours: 96.332 train / 95.989 deploy"))),
     "replknet_xl":   Variant(dict(dims=(256, 512, 1024, 2048), large_kernels=(27, 27, 27, 13), small_kernel=None,
-                                  dw_ratio=1.5), params_m=335.435752, gmacs=128.7, deploy_params_m=335.110632,
+                                  dw_ratio=1.5), params_m=335.435752, gmacs=128.7, deploy_params_m=335.399656,
                              deploy_gmacs=128.7, input_size=320, mean=INCEPTION_MEAN, std=INCEPTION_STD,
                              paper=Paper(335, 128.7, 87.8, _README + " 'MegData-73M Models' (-> IN-1K, 320)"),
-                             notes=_DEPLOY.format(rp=335.399656, df=335.210984, macs=(
+                             notes=_DEPLOY.format(ours=335.110632, df=335.210984, macs=(
                                  "no small kernel (as the official XL). gmacs: README at 320; ours: 128.730"))),
 }
 register_family(RepLKNet, VARIANTS, paper="arXiv:2203.06717", kind="convnet", family="replknet")
