@@ -175,3 +175,17 @@ def test_fuse_keeps_eval_output(name, tiny_model):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), "fuse() left a BatchNorm2d behind"
     n_after = sum(p.numel() for p in fused.parameters())
     assert n_after < n_before if had_bn else n_after <= n_before, (n_before, n_after)
+
+
+def test_cpu_channels_last_is_only_a_layout(name, tiny_model):
+    model = tiny_model(name)
+    if not model.cpu_channels_last:
+        pytest.skip(f"{name} runs NCHW")
+    randomize_bn(model)
+    x = make_input(model)
+    with torch.no_grad():
+        fast = model.forward_features(x)
+        model.cpu_channels_last = False
+        plain = model.forward_features(x)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)

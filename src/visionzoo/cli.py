@@ -1,8 +1,9 @@
-"""``visionzoo bench | list | info | convert``: parse the arguments, then call the package."""
+"""``visionzoo bench | list | info | convert | train | eval | compare``: parse the arguments, then call the package."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,8 +22,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from visionzoo.bench.measure import BenchConfig, resolve_models, run
     from visionzoo.bench.report import summary_lines, table, write_all
 
+    if args.deploy:
+        args.fuse, args.channels_last, args.compile = True, True, args.compile or "default"
+    quick = not args.pattern  # the default line-up: smaller batch and budget so ~15 models fit in 3 minutes
+    for key, full, short in (("batch_size", [1, 32], [1, 16]), ("repeats", 3, 2), ("budget", 3.0, 1.0)):
+        if getattr(args, key) is None:
+            setattr(args, key, short if quick else full)
     cfg = BenchConfig(batch_sizes=tuple(args.batch_size), img_size=args.img_size, dtype=args.dtype,
-                      channels_last=args.channels_last, compile=args.compile, fuse=args.fuse, threads=args.threads,
+                      channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
+                      freeze=not args.no_freeze, threads=args.threads,
                       device=args.device, mode=args.mode, repeats=args.repeats, budget=args.budget,
                       subprocess=not args.in_process, omp_wait_policy=args.omp_wait_policy,
                       compare_timm=args.compare_timm, roofline=args.roofline, timeout=args.timeout).validate()
@@ -127,25 +135,257 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train | eval | compare ---------------------------------------------------------------------------------
+def _img_size(value: str) -> int | str:
+    if value == "native":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--img-size takes an integer or 'native', got {value!r}") from None
+
+
+def _model_args(items: list[str]) -> dict:
+    import ast
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-arg takes KEY=VALUE (e.g. depth=6), got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _load_splits(args: argparse.Namespace, in_chans: int | None = None):  # noqa: ANN202
+    from visionzoo.train.data import load_data
+
+    return load_data(args.data, data_dir=args.data_dir, in_chans=in_chans or args.in_chans, val_split=args.val_split,
+                     seed=args.seed, limit_train=args.limit_train, limit_val=args.limit_val)
+
+
+def _resolve_img_size(args: argparse.Namespace, splits) -> int | None:  # noqa: ANN001
+    if args.img_size != "native":
+        return args.img_size
+    h_w = splits.image_size
+    if h_w is None or h_w[0] != h_w[1]:
+        raise ValueError(f"--img-size native needs square images of one size; {splits.name} has "
+                         f"{h_w or 'several sizes'}; pass --img-size N to resize them")
+    return h_w[0]
+
+
+def _train_config(args: argparse.Namespace):  # noqa: ANN202
+    from visionzoo.train.augment import AugConfig
+    from visionzoo.train.loop import TrainConfig
+
+    aug = AugConfig(scale=(args.scale, 1.0), hflip=args.hflip, color_jitter=args.color_jitter,
+                    auto_augment=args.auto_augment, mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing)
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, opt=args.opt, lr=args.lr,
+                       weight_decay=args.weight_decay, momentum=args.momentum, layer_decay=args.layer_decay,
+                       sam=args.sam, sam_rho=args.sam_rho, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
+                       ema=args.ema, ema_decay=args.ema_decay, clip_grad=args.clip_grad, accum_steps=args.accum_steps,
+                       amp=args.amp, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
+                       deterministic=not args.nondeterministic, crop_pct=args.crop_pct, workers=args.workers,
+                       stop_after=args.stop_after, progress=not args.no_progress, aug=aug).validate()
+
+
+def _friendly(fn):  # noqa: ANN001, ANN202
+    """Missing optional packages and diverging losses end with one line, like main()'s ValueErrors."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ImportError, FloatingPointError) as e:
+            print(f"visionzoo {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_friendly
+def cmd_train(args: argparse.Namespace) -> int:
+    from visionzoo.train import dist
+    from visionzoo.train.loop import build_model, fit, seed_everything
+
+    cfg = _train_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = dist.setup(args.device)
+    try:
+        splits = _load_splits(args)
+        seed_everything(args.seed)
+        model = build_model(args.model, splits.num_classes, splits.in_chans, _resolve_img_size(args, splits),
+                            args.patch_size, drop_path_rate=args.drop_path, **_model_args(args.model_arg))
+        if args.init:
+            from visionzoo.weights import load_checkpoint
+
+            load_checkpoint(model, args.init, strict=False)
+        res = fit(model, splits, cfg, args.out, resume=args.resume, dist_info=info)
+        if info.is_main and res.metrics is not None:
+            ema = f", EMA {res.ema_metrics.top1:.2f}%" if res.ema_metrics else ""
+            print(f"{args.model}: val top-1 {res.metrics.top1:.2f}%, top-5 {res.metrics.top5:.2f}%{ema} "
+                  f"({res.train_time_s:.0f} s); files in {args.out}: "
+                  + ", ".join(Path(f).name for f in res.files.values()))
+    finally:
+        dist.cleanup()
+    return 0
+
+
+@_friendly
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from visionzoo.train.evaluate import eval_checkpoint, load_trained, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    size = args.img_size if args.img_size != "native" else None
+    model, meta = load_trained(args.checkpoint, args.model, img_size=size, ema=args.ema,
+                               num_classes=args.num_classes, in_chans=args.in_chans)
+    splits = _load_splits(args, in_chans=model.in_chans)
+    if model.num_classes == 1000 and splits.num_classes != 1000 and "classes" not in meta and args.num_classes is None:
+        raise ValueError(f"{args.checkpoint} does not record its classes; pass --num-classes")
+    m = eval_checkpoint(model, splits, meta, batch_size=args.batch_size, crop_pct=args.crop_pct, device=device)
+    files = write_report(m, args.out, title=f"{model.name} on {splits.name}: top-1 {m.top1:.2f}%")
+    t = Table(title=f"{model.name} on {splits.name} ({m.count} validation images)")
+    for c in ("class", "images", "top-1 %"):
+        t.add_column(c)
+    for c, n, a in zip(m.classes, m.confusion.sum(1).tolist(), m.per_class):
+        t.add_row(c, str(n), f"{a:.2f}")
+    con = _console()
+    con.print(t)
+    con.print(f"top-1 {m.top1:.2f}%  top-5 {m.top5:.2f}%  loss {m.loss:.4f}")
+    con.print("wrote " + ", ".join(files.values()))
+    return 0
+
+
+@_friendly
+def cmd_compare(args: argparse.Namespace) -> int:
+    from visionzoo.train.compare import compare
+
+    cfg = _train_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    splits = _load_splits(args)
+    rows = compare(args.models, splits, cfg, args.out, img_size=_resolve_img_size(args, splits),
+                   patch_size=args.patch_size, device=args.device or "cpu", budget=args.budget)
+    print((Path(args.out) / "compare.md").read_text())
+    print(f"wrote {args.out}/compare.csv, compare.md, compare.png ({len(rows)} models)")
+    return 0
+
+
+def _add_data_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("data")
+    g.add_argument("--data", default="digits",
+                   help="digits (default, bundled with scikit-learn), fashion-mnist, folder:PATH or hf:NAME")
+    g.add_argument("--data-dir", default=None, help="fashion-mnist IDX files; data_dir for hf:NAME (e.g. imagefolder)")
+    g.add_argument("--in-chans", type=int, choices=(1, 3), default=None,
+                   help="decode as grey (1) or RGB (3); default 1 for digits/fashion-mnist, 3 otherwise")
+    g.add_argument("--val-split", type=float, default=0.2, help="held-out fraction when there is no val set")
+    g.add_argument("--limit-train", type=int, default=None, help="keep a seeded random subset of N images")
+    g.add_argument("--limit-val", type=int, default=None)
+    g.add_argument("--img-size", type=_img_size, default=None,
+                   help="resize images to N and build the model at N; 'native' builds it at the images' own size; "
+                        "default: the variant's input size")
+    g.add_argument("--crop-pct", type=float, default=None, help="evaluation centre-crop fraction (variant's default)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK when available)")
+    g.add_argument("--threads", type=int, default=None, help="intra-op threads per process")
+
+
+def _add_recipe_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("model")
+    g.add_argument("--patch-size", type=int, default=None, help="patch size for the models that have one (ViTs)")
+    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    g = s.add_argument_group("recipe")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", "-b", type=int, default=64, help="per process")
+    g.add_argument("--opt", choices=("adamw", "sgd"), default="adamw")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
+    g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay for fine-tuning, e.g. 0.75")
+    g.add_argument("--sam", action="store_true", help="sharpness-aware minimisation (two passes per step)")
+    g.add_argument("--sam-rho", type=float, default=0.05)
+    g.add_argument("--warmup-epochs", type=float, default=1.0)
+    g.add_argument("--min-lr", type=float, default=1e-6)
+    g.add_argument("--ema", action="store_true", help="keep and evaluate an EMA of the weights")
+    g.add_argument("--ema-decay", type=float, default=0.998)
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--nondeterministic", action="store_true", help="allow non-deterministic kernels")
+    g.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop after N epochs of this call (the schedule keeps --epochs); continue with --resume")
+    g = s.add_argument_group("augmentation (kornia)")
+    g.add_argument("--scale", type=float, default=0.35, help="smallest random-resized-crop area fraction")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (0 for digits/text)")
+    g.add_argument("--color-jitter", type=float, default=0.0)
+    g.add_argument("--auto-augment", choices=("none", "rand", "trivial"), default="none")
+    g.add_argument("--mixup", type=float, default=0.0, help="probability that a batch is mixed up")
+    g.add_argument("--cutmix", type=float, default=0.0, help="probability that a batch gets cutmix")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+
+
+def add_train_commands(sub) -> None:  # noqa: ANN001
+    s = sub.add_parser("train", help="train a model on digits, fashion-mnist, an image folder or a HF dataset")
+    s.add_argument("--model", required=True, help="registered model name")
+    s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="constructor override, repeatable (e.g. depth=6)")
+    s.add_argument("--init", default=None, help="start from these weights (fine-tuning; a new head is fine)")
+    s.add_argument("--resume", default=None, help="a latest.pt to continue exactly, or 'auto' for OUT/latest.pt")
+    s.add_argument("--out", default="runs/train", help="folder for metrics.csv, latest.pt, curves.png, weights")
+    _add_data_args(s)
+    _add_recipe_args(s)
+    s.set_defaults(func=cmd_train)
+    s = sub.add_parser("eval", help="top-1/top-5/loss, per-class accuracy and a confusion matrix of a checkpoint")
+    s.add_argument("--model", default=None, help="registered name (needed when the checkpoint does not record it)")
+    s.add_argument("--checkpoint", required=True, help="latest.pt or model.safetensors from train, or any checkpoint")
+    s.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a latest.pt")
+    s.add_argument("--num-classes", type=int, default=None, help="for a checkpoint that does not record its classes")
+    s.add_argument("--batch-size", "-b", type=int, default=128)
+    s.add_argument("--out", default="runs/eval", help="folder for metrics.json, per_class.csv, confusion.png")
+    _add_data_args(s)
+    s.set_defaults(func=cmd_eval)
+    s = sub.add_parser("compare", help="train several models under one recipe, budget and seed; one table, one plot")
+    s.add_argument("--models", nargs="+", required=True)
+    s.add_argument("--budget", type=float, default=2.0, help="timed seconds for each throughput measurement")
+    s.add_argument("--out", default="runs/compare", help="folder for compare.csv/.md/.png and each model's run")
+    _add_data_args(s)
+    _add_recipe_args(s)
+    s.set_defaults(func=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visionzoo", description="Vision backbones under one API, measured fairly.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("bench", help="params, MACs, throughput, latency and memory of models, side by side")
     s.add_argument("pattern", nargs="*", help="model names or fnmatch patterns; none = the default line-up")
-    s.add_argument("--batch-size", "-b", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
+    s.add_argument("--batch-size", "-b", type=int, nargs="+", default=None,
+                   help="batch sizes (default 1 32; 1 16 for the default line-up)")
     s.add_argument("--img-size", type=int, default=None, help="input side (default: each model's own)")
     s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     s.add_argument("--channels-last", action="store_true", help="NHWC weights and input")
     s.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="torch.compile (optionally a mode, e.g. max-autotune); compile time reported apart")
     s.add_argument("--fuse", action="store_true", help="model.fuse(): deploy re-parameterisation")
+    s.add_argument("--deploy", action="store_true", help="the deploy path: --fuse --channels-last --compile")
+    s.add_argument("--no-freeze", action="store_true",
+                   help="compiled inference without inductor freezing (default: frozen weights, prepacked)")
     s.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     s.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     s.add_argument("--mode", choices=("infer", "train", "both"), default="infer",
                    help="inference, a training step (forward + backward + SGD step), or both")
-    s.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
-    s.add_argument("--budget", type=float, default=3.0,
-                   help="timed seconds per model, batch size and mode; sets the step count (default 3)")
+    s.add_argument("--repeats", type=int, default=None,
+                   help="timed runs; the median is reported (default 3; 2 for the default line-up)")
+    s.add_argument("--budget", type=float, default=None,
+                   help="timed seconds per model, batch size and mode; sets the step count "
+                        "(default 3; 1 for the default line-up)")
     s.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive",
                    help="OMP_WAIT_POLICY of the measuring process (passive: threads sleep instead of spinning; "
                         "far faster on a shared machine)")
@@ -173,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst", help="output path, .safetensors (or .pt)")
     s.add_argument("--model", required=True, help="registered model name")
     s.set_defaults(func=cmd_convert)
+    add_train_commands(sub)
     return p
 
 

@@ -35,7 +35,7 @@ def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:  # noqa: ANN001
+def atomic_write(path: Path, write) -> None:  # noqa: ANN001
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -60,9 +60,9 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, str] | None
     meta = {"format": FORMAT, "variant": name, "args": json.dumps(_jsonable(args)), **(extra or {})}
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     else:
-        _atomic_write(path, lambda tmp: torch.save({**meta, "args": json.loads(meta["args"]), "state_dict": state},
+        atomic_write(path, lambda tmp: torch.save({**meta, "args": json.loads(meta["args"]), "state_dict": state},
                                                    tmp))
     return path
 

@@ -141,6 +141,7 @@ class DeepMAD(Backbone):
     """
 
     kind = "convnet"
+    cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     first_conv = "block_list.0.conv1"
     classifier = "fc_linear"
 

@@ -137,6 +137,7 @@ class InceptionNeXt(Backbone):
     """
 
     kind = "convnet"
+    cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     first_conv = "stem.0"
     classifier = "head.fc2"
 

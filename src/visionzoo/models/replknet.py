@@ -146,6 +146,7 @@ class RepLKNet(Backbone):
     """
 
     kind = "convnet"
+    cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     first_conv = "stem.0.conv"
     classifier = "head"
 

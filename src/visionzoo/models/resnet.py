@@ -110,6 +110,7 @@ class ResNet(Backbone):
     """
 
     kind = "convnet"
+    cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     first_conv = "conv1"
     classifier = "fc"
     fuse_pairs = (("conv1", "bn1"),)

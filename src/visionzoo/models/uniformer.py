@@ -130,6 +130,7 @@ class UniFormer(Backbone):
     """
 
     kind = "hybrid"
+    cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     min_input_size = 32
     input_multiple = 32
     classifier = "head"

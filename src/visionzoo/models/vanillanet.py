@@ -122,6 +122,7 @@ class VanillaNet(Backbone):
     """
 
     kind = "convnet"
+    cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
 
     def __init__(self, dims: tuple[int, ...] = (512, 1024, 2048, 4096), strides: tuple[int, ...] = (2, 2, 2),
                  act_num: int = 3, deploy: bool = False, act_learn: float = 1.0, *, in_chans: int = 3,

@@ -117,6 +117,7 @@ class WaveMix(Backbone):
     """
 
     kind = "convnet"
+    cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     first_conv = "stem.0"
 
     def __init__(self, dim: int = 192, depth: int = 16, level: int = 3, mult: int = 2, ff_channel: int = 192,
