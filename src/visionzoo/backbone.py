@@ -75,6 +75,7 @@ class Backbone(nn.Module):
     first_conv: str = "stem.0"
     classifier: str = "head.fc"
     cpu_channels_last: bool = False
+    cpu_channels_last_min_batch: int = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -156,7 +157,7 @@ class Backbone(nn.Module):
     def prepare_input(self, x: Tensor) -> Tensor:
         """Check ``x`` and put it in the layout this family runs fastest in."""
         self.check_input(x)
-        if self.cpu_channels_last and x.device.type == "cpu":
+        if self.cpu_channels_last and x.device.type == "cpu" and x.shape[0] >= self.cpu_channels_last_min_batch:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
