@@ -89,3 +89,19 @@ def test_drop_path_rates_rise_linearly_to_the_last_block():
     rates = [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0
              for s in model.stages for b in s.blocks]
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 5))
+
+
+def test_chunked_inference_path_equals_the_plain_one(monkeypatch):
+    import visionzoo.models.convnext as convnext_module
+
+    monkeypatch.setattr(convnext_module, "CHUNK_ROWS", 7)  # many chunks, a ragged last one
+    model = create_model("convnext_test", num_classes=10).eval()
+    with torch.no_grad():
+        for blk in model.modules():
+            if isinstance(getattr(blk, "gamma", None), torch.nn.Parameter):
+                blk.gamma.normal_()
+        x = torch.randn(2, 3, 64, 96)
+        chunked = model(x)
+    with torch.enable_grad():
+        plain = model(x)  # grad mode takes the unchunked path
+    torch.testing.assert_close(chunked, plain.detach(), atol=1e-5, rtol=1e-5)

