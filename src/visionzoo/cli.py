@@ -33,6 +33,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       freeze=not args.no_freeze, threads=args.threads,
                       device=args.device, mode=args.mode, repeats=args.repeats, budget=args.budget,
                       subprocess=not args.in_process, omp_wait_policy=args.omp_wait_policy,
+                      malloc_policy=args.malloc,
                       compare_timm=args.compare_timm, roofline=args.roofline, timeout=args.timeout).validate()
     names, _ = resolve_models(args.pattern)
     con = _console()
@@ -389,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive",
                    help="OMP_WAIT_POLICY of the measuring process (passive: threads sleep instead of spinning; "
                         "far faster on a shared machine)")
+    s.add_argument("--malloc", choices=("keep", "inherit"), default="keep",
+                   help="keep: the measuring process reuses freed memory (glibc MALLOC_MMAP/TRIM_THRESHOLD_), "
+                        "as jemalloc/tcmalloc deployments do, instead of page-faulting every large activation "
+                        "in anew; inherit: this environment's settings")
     s.add_argument("--in-process", action="store_true",
                    help="measure in this process: faster start, but no CPU peak memory or crash isolation")
     s.add_argument("--timeout", type=float, default=None, help="seconds per model before it is given up")

@@ -84,6 +84,7 @@ def test_subprocess_measures_peak_memory_and_sets_the_wait_policy():
     (r,) = rows
     assert r.status != "error", r.error
     assert r.omp_wait_policy == "PASSIVE" and r.infer_samples_per_sec > 0
+    assert r.malloc_policy == "keep"  # the child process got the glibc settings
     assert r.infer_peak_mem_mb is not None and r.infer_peak_mem_mb > 0
 
 

@@ -119,7 +119,8 @@ def summary_lines(results: BenchResults) -> list[str]:
     out = [f"error: {r.model}: {r.error}" for r in results if r.status == "error"]
     out += [f"torch {env.get('torch')} on {env.get('gpu') or env.get('cpu')} ({env.get('device')}), "
            f"{env.get('threads')} thread(s) of {env.get('cpus_usable')} usable CPUs, "
-           f"OMP_WAIT_POLICY={env.get('omp_wait_policy')}, flags {' '.join(env.get('cpu_flags') or []) or '-'}"]
+           f"OMP_WAIT_POLICY={env.get('omp_wait_policy')}, malloc {env.get('malloc_policy')}, "
+           f"flags {' '.join(env.get('cpu_flags') or []) or '-'}"]
     roof = results.roofline
     if roof:
         if "error" in roof:
