@@ -21,36 +21,16 @@ Run with the reference venv, never in CI:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import torch
 from timm.models.convnext import ConvNeXt as TimmConvNeXt
 
-from fixture_io import OUT, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
+from fixture_io import OUT, import_official, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
 
 COMMIT = "048efcea897d999aed302f2639b6270aedf8d4c8"
 NUM_CLASSES = 10
 DEPTHS, DIMS = [1, 1, 1, 1], [8, 16, 24, 32]
-
-
-def load_official(path: str) -> type[torch.nn.Module]:
-    """Import the official ``ConvNeXt`` class from a git directory (at COMMIT) or from a ``convnext.py`` file."""
-    src = Path(path)
-    if src.is_dir():
-        text = subprocess.run(["git", "--git-dir", str(src), "show", f"{COMMIT}:models/convnext.py"],
-                              check=True, capture_output=True, text=True).stdout
-        src = Path(tempfile.mkdtemp()) / "official_convnext.py"
-        src.write_text(text)
-    spec = importlib.util.spec_from_file_location("official_convnext", src)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.ConvNeXt
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -92,7 +72,7 @@ def main() -> None:
         write("convnext_timm_convmlp" if conv_mlp else "convnext_timm", model, x, overrides,
               timm_ref + (" (conv_mlp=True)" if conv_mlp else ""), "timm")
 
-    official = load_official(args.official)
+    official = import_official(args.official, COMMIT, "models/convnext.py", "official_convnext").ConvNeXt
     torch.manual_seed(2)
     model = official(depths=DEPTHS, dims=DIMS, num_classes=NUM_CLASSES)
     randomize(model, 12)

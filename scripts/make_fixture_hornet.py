@@ -24,37 +24,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import os
-import subprocess
-import sys
-import tempfile
 from functools import partial
-from pathlib import Path
 
 import torch
 
-from fixture_io import OUT, randomize_all, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
+from fixture_io import OUT, import_official, randomize_all, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
 
 COMMIT = "ac9e21058935f1cf8e27fcca72bbf598fa691d69"
 NUM_CLASSES = 10
 DEPTHS, BASE_DIM, ORDERS = [1, 1, 1, 1], 4, (2, 3, 4, 5)
-
-
-def load_official(path: str):  # noqa: ANN201
-    """Import the official module from a git directory (at COMMIT) or from a ``hornet.py`` file."""
-    src = Path(path)
-    if src.is_dir():
-        text = subprocess.run(["git", "--git-dir", str(src), "show", f"{COMMIT}:hornet.py"],
-                              check=True, capture_output=True, text=True).stdout
-        src = Path(tempfile.mkdtemp()) / "hornet_official.py"
-        src.write_text(text)
-    spec = importlib.util.spec_from_file_location("hornet_official", src)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def build(official, gf_sizes: list | None):  # noqa: ANN001, ANN201
@@ -90,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.official:
         parser.error("pass --official PATH (or set HORNET_OFFICIAL)")
-    official = load_official(args.official)
+    official = import_official(args.official, COMMIT, "hornet.py", "hornet_official")
     OUT.mkdir(parents=True, exist_ok=True)
     cases = [("hornet_7x7", None, None), ("hornet_gf", [(4, 3), (2, 2)], 64),
              ("hornet_gf_224grid", [(14, 8), (7, 4)], 224)]
