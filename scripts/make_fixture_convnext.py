@@ -20,13 +20,10 @@ Run with the reference venv, never in CI:
 """
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 from timm.models.convnext import ConvNeXt as TimmConvNeXt
 
-from fixture_io import OUT, import_official, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
+from fixture_io import OUT, import_official, official_path, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
 
 COMMIT = "048efcea897d999aed302f2639b6270aedf8d4c8"
 NUM_CLASSES = 10
@@ -54,12 +51,8 @@ def write(name: str, model: torch.nn.Module, x: torch.Tensor, overrides: dict, r
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", default=os.environ.get("CONVNEXT_OFFICIAL"),
-                        help="git dir of facebookresearch/ConvNeXt, or its models/convnext.py")
-    args = parser.parse_args()
-    if not args.official:
-        parser.error("pass --official PATH (or set CONVNEXT_OFFICIAL) for the official fixture")
+    official_dir = official_path(__doc__.splitlines()[0], "CONVNEXT_OFFICIAL",
+                                 "git dir of facebookresearch/ConvNeXt, or its models/convnext.py")
     OUT.mkdir(parents=True, exist_ok=True)
     timm_ref = "timm 1.0.31 timm.models.convnext.ConvNeXt"
 
@@ -72,7 +65,7 @@ def main() -> None:
         write("convnext_timm_convmlp" if conv_mlp else "convnext_timm", model, x, overrides,
               timm_ref + (" (conv_mlp=True)" if conv_mlp else ""), "timm")
 
-    official = import_official(args.official, COMMIT, "models/convnext.py", "official_convnext").ConvNeXt
+    official = import_official(official_dir, COMMIT, "models/convnext.py", "official_convnext").ConvNeXt
     torch.manual_seed(2)
     model = official(depths=DEPTHS, dims=DIMS, num_classes=NUM_CLASSES)
     randomize(model, 12)

@@ -21,9 +21,7 @@ Run with the reference venv, never in CI:
 """
 from __future__ import annotations
 
-import argparse
 import importlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fixture_io import OUT, randomize_fan_in, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
+from fixture_io import OUT, official_path, randomize_fan_in, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
 
 COMMIT = "8ccaf889fcd06079d268a355c765e9d0af071612"
 DEPLOY = "tinynas/deploy/cnnnet"
@@ -74,13 +72,9 @@ def load_official(git_dir: str) -> type[torch.nn.Module]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", default=os.environ.get("DEEPMAD_OFFICIAL"),
-                        help="git dir of alibaba/lightweight-neural-architecture-search")
-    args = parser.parse_args()
-    if not args.official:
-        parser.error("pass --official PATH (or set DEEPMAD_OFFICIAL)")
-    CnnNet = load_official(args.official)
+    official_dir = official_path(__doc__.splitlines()[0], "DEEPMAD_OFFICIAL",
+                                 "git dir of alibaba/lightweight-neural-architecture-search")
+    CnnNet = load_official(official_dir)
     OUT.mkdir(parents=True, exist_ok=True)
     for i, (name, (block, stem, stages, head)) in enumerate(CONFIGS.items()):
         torch.manual_seed(i)

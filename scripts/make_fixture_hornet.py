@@ -22,7 +22,6 @@ Run with the reference venv, never in CI:
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -30,7 +29,7 @@ from functools import partial
 
 import torch
 
-from fixture_io import OUT, import_official, randomize_all, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
+from fixture_io import OUT, import_official, official_path, randomize_all, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
 
 COMMIT = "ac9e21058935f1cf8e27fcca72bbf598fa691d69"
 NUM_CLASSES = 10
@@ -64,13 +63,9 @@ def write(name: str, model: torch.nn.Module, seed: int, global_filter: bool, img
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", default=os.environ.get("HORNET_OFFICIAL"),
-                        help="git dir of raoyongming/HorNet, or its hornet.py")
-    args = parser.parse_args()
-    if not args.official:
-        parser.error("pass --official PATH (or set HORNET_OFFICIAL)")
-    official = import_official(args.official, COMMIT, "hornet.py", "hornet_official")
+    official_dir = official_path(__doc__.splitlines()[0], "HORNET_OFFICIAL",
+                                 "git dir of raoyongming/HorNet, or its hornet.py")
+    official = import_official(official_dir, COMMIT, "hornet.py", "hornet_official")
     OUT.mkdir(parents=True, exist_ok=True)
     cases = [("hornet_7x7", None, None), ("hornet_gf", [(4, 3), (2, 2)], 64),
              ("hornet_gf_224grid", [(14, 8), (7, 4)], 224)]

@@ -22,9 +22,7 @@ Run with the reference venv, never in CI:
 """
 from __future__ import annotations
 
-import argparse
 import importlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -34,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fixture_io import OUT, randomize_fan_in, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
+from fixture_io import OUT, official_path, randomize_fan_in, save_fixture, save_meta  # noqa: E402  (scripts/ is on sys.path)
 
 COMMIT = "ba3d1b425c3e8a932b8fc6af432685e4dc7af857"
 NUM_CLASSES = 10
@@ -82,14 +80,10 @@ def check_dwt() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", default=os.environ.get("WAVEMIX_OFFICIAL"),
-                        help="git dir of pranavphoenix/WaveMix")
-    args = parser.parse_args()
-    if not args.official:
-        parser.error("pass --official PATH (or set WAVEMIX_OFFICIAL)")
+    official_dir = official_path(__doc__.splitlines()[0], "WAVEMIX_OFFICIAL",
+                                 "git dir of pranavphoenix/WaveMix")
     check_dwt()
-    official = load_official(args.official)
+    official = load_official(official_dir)
     OUT.mkdir(parents=True, exist_ok=True)
     for i, (name, (kwargs, overrides)) in enumerate(CONFIGS.items()):
         torch.manual_seed(i)
