@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from visionzoo.layers import ClassifierHead, LayerType, fuse_conv_bn_pairs, init_linear
+from visionzoo.layers import ClassifierHead, LayerType, fold_conv_bn_children, is_tracing
 
 
 class FeatureInfo(NamedTuple):
@@ -65,7 +65,18 @@ class Backbone(nn.Module):
         first_conv: state-dict prefix of the first conv (adapted when ``in_chans`` differs).
         cpu_channels_last: run on a channels-last (NHWC) copy of the input on CPU. oneDNN's convolutions are
             much faster on NHWC there (resnet50 eager at batch 32 on 2 cores: 14.7 -> 19.3 img/s); every later
-            layer keeps that layout. Outputs have the same values and shapes, only their strides differ.
+            layer keeps that layout. Outputs have the same values and shapes, only their strides differ. A
+            choice for eager runs only: it is skipped while tracing (bench and deploy set the layout up once).
+        has_attention: the family computes softmax attention (through ``layers.AttentionCore``); ``False``
+            declares that it has none, so attention tools refuse it with a reason.
+        takes_img_size: the constructor takes ``img_size`` (position tables or windows built for one size);
+            ``create_model`` then passes the variant's input size when the caller gives none.
+        takes_patch_size: the constructor takes ``patch_size`` (training recipes set it for such families).
+
+    The seams every tool uses (STYLE.md section 3): attention through ``AttentionCore``; ``stage_modules()``
+    returns registered modules named by ``stage_info``; one ``ClassifierHead`` at ``self.head``; ``fuse()``
+    here, calling each submodule's ``fuse()``; nothing in ``forward`` branches on batch size, device or grad
+    mode while tracing.
     """
 
     kind: str = "convnet"
@@ -76,6 +87,9 @@ class Backbone(nn.Module):
     classifier: str = "head.fc"
     cpu_channels_last: bool = False
     cpu_channels_last_min_batch: int = 1
+    has_attention: bool = False
+    takes_img_size: bool = False
+    takes_patch_size: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -95,30 +109,22 @@ class Backbone(nn.Module):
         self.feature_info = FeatureInfoList(infos)
 
     def init_head(self, num_features: int, num_classes: int, drop_rate: float = 0.0,
-                  norm_layer: LayerType | None = None, pool_type: str = "avg") -> None:
-        """Set ``num_features``, ``head_hidden_size``, ``num_classes`` and a ``ClassifierHead`` as ``self.head``."""
-        self.num_features = self.head_hidden_size = num_features
-        self.num_classes = num_classes
-        self.head = ClassifierHead(num_features, num_classes, pool_type, drop_rate, norm_layer)
+                  norm_layer: LayerType | None = None, pool_type: str = "avg", pre_logits: nn.Module | None = None,
+                  hidden_size: int | None = None, prefix_tokens: int = 0, head: ClassifierHead | None = None
+                  ) -> None:
+        """Set ``num_features``, ``head_hidden_size``, ``num_classes`` and the one ``ClassifierHead`` at ``self.head``.
 
-    def init_linear_head(self, num_features: int, num_classes: int, drop_rate: float = 0.0,
-                         pool: str = "avg") -> None:
-        """A bare ``nn.Linear`` classifier at the module path ``self.classifier`` (official layouts name it
-        ``head``, ``fc``, ...), after pooling (``"avg"``: mean of an NCHW map; ``"token"``: token 0 of
-        ``(B, N, C)`` tokens) and dropout (``self.head_drop``). A family whose head has a hidden layer sets
-        ``head_hidden_size`` after this call and overrides ``forward_head``; ``reset_classifier`` works as is."""
-        if pool not in ("avg", "token"):
-            raise ValueError(f"linear head: pool must be 'avg' or 'token', got {pool!r}")
-        self.num_features = self.head_hidden_size = num_features
+        ``pre_logits``/``hidden_size``: a head's hidden layer and its width (see ``ClassifierHead``). ``head``: a
+        ready ``ClassifierHead`` subclass instance instead (e.g. DeiT's two-token head).
+        """
+        self.num_features = num_features
         self.num_classes = num_classes
-        self.head_pool = pool
-        self.head_drop = nn.Dropout(drop_rate)
-        self._linear_head = True
-        self._set_classifier(nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity())
-
-    def _set_classifier(self, module: nn.Module) -> None:
-        parent, _, leaf = self.classifier.rpartition(".")
-        setattr(self.get_submodule(parent) if parent else self, leaf, module)
+        self.head = head if head is not None else ClassifierHead(
+            num_features, num_classes, pool_type, drop_rate, norm_layer, pre_logits, hidden_size, prefix_tokens)
+        self.head_hidden_size = self.head.hidden_size
+        self.classifier = tuple(f"head.{n}" for n in self.head.fc_names)
+        if len(self.classifier) == 1:
+            self.classifier = self.classifier[0]
 
     @property
     def name(self) -> str:
@@ -141,7 +147,11 @@ class Backbone(nn.Module):
 
     # --- the contract -----------------------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
-        """Raise a ValueError that names the size and the allowed multiple when ``x`` does not fit."""
+        """Raise a ValueError that names the size and the allowed multiple when ``x`` does not fit.
+
+        Skipped while tracing: a traced graph keeps no Python checks (they stay in eager mode)."""
+        if is_tracing():
+            return
         if x.ndim != 4:
             raise ValueError(f"{self.name}: expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
@@ -155,8 +165,10 @@ class Backbone(nn.Module):
                              f"{max(lo, -(-H // m) * m)}x{max(lo, -(-W // m) * m)}")
 
     def prepare_input(self, x: Tensor) -> Tensor:
-        """Check ``x`` and put it in the layout this family runs fastest in."""
+        """Check ``x`` and, in eager mode, put it in the layout this family runs fastest in."""
         self.check_input(x)
+        if is_tracing():
+            return x
         if self.cpu_channels_last and x.device.type == "cpu" and x.shape[0] >= self.cpu_channels_last_min_batch:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -188,10 +200,6 @@ class Backbone(nn.Module):
         return outs
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if getattr(self, "_linear_head", False):
-            x = x[:, 0] if self.head_pool == "token" else x.mean((2, 3))  # (B, N, C) | (B, C, H, W) -> (B, C)
-            x = self.head_drop(x)
-            return x if pre_logits else self.get_classifier()(x)
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
@@ -200,20 +208,16 @@ class Backbone(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def get_classifier(self) -> nn.Module:
-        return self.get_submodule(self.classifier)
+        return self.head.fc
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the final linear layer with a fresh one of ``num_classes`` outputs (0 = none)."""
+        """Replace the classifier with a fresh one of ``num_classes`` outputs (0 = none), on the model's device and
+        in its dtype, with the library's init; the rest of the state dict is unchanged."""
         if num_classes < 0:
             raise ValueError(f"{self.name}: num_classes must be >= 0, got {num_classes}")
-        if getattr(self, "_linear_head", False):
-            ref = next(self.parameters())
-            new = (nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype)
-                   if num_classes > 0 else nn.Identity())
-            init_linear(new)
-            self._set_classifier(new.train(self.training))
-        else:
-            self.head.reset(num_classes)
+        ref = next(self.parameters(), None)
+        like = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        self.head.reset(num_classes, **like)
         self.num_classes = num_classes
 
     def set_features_only(self, out_indices: int | list[int] | tuple[int, ...] | None = None) -> None:
@@ -232,8 +236,17 @@ class Backbone(nn.Module):
         return {n for n, _ in self.named_parameters() if keys and n.rsplit(".", 1)[-1] in keys}
 
     def fuse(self) -> Backbone:
-        """Re-parameterise for inference, in place (conv+BN folding here; families add branch merges)."""
-        fuse_conv_bn_pairs(self)
+        """Re-parameterise for inference, in place; returns ``self``.
+
+        Walks the submodules bottom-up (children before parents). At each one it folds BatchNorms into the convs
+        before them (adjacent ``nn.Sequential`` children, and the pairs a module lists in ``fuse_pairs``), then
+        calls the module's own ``fuse()`` if it has one, which so sees its children already fused. Families add
+        branch merges and the like only as ``fuse()`` methods of their blocks, never here.
+        """
+        for m in reversed(list(self.modules())):
+            fold_conv_bn_children(m)
+            if m is not self and not isinstance(m, Backbone) and callable(getattr(m, "fuse", None)):
+                m.fuse()
         return self
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -147,7 +147,7 @@ def build_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
     v = get_variant(name)
     args = {**v.args, **kwargs}
     params = inspect.signature(v.cls.__init__).parameters
-    takes_img_size = "img_size" in params
+    takes_img_size = getattr(v.cls, "takes_img_size", False)
     if args.get("img_size") is None:
         args.pop("img_size", None)
         if takes_img_size:

@@ -21,30 +21,34 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
-def fuse_conv_bn_pairs(module: nn.Module) -> int:
-    """Fold every Conv2d followed by a BatchNorm2d inside ``module``, in place; returns how many were folded.
+def fold_conv_bn_children(m: nn.Module) -> int:
+    """Fold each Conv2d followed by a BatchNorm2d among ``m``'s direct children, in place; returns how many.
 
-    Pairs are found in two places: adjacent children of an ``nn.Sequential``, and attribute pairs that a
-    module declares in a ``fuse_pairs`` class attribute, e.g. ``(("conv1", "bn1"), ("conv2", "bn2"))``.
-    The BatchNorm is replaced by ``nn.Identity``.
+    Pairs are adjacent children of an ``nn.Sequential``, and attribute pairs that a module declares in a
+    ``fuse_pairs`` class attribute, e.g. ``(("conv1", "bn1"), ("conv2", "bn2"))``. The BatchNorm becomes
+    ``nn.Identity``.
     """
     count = 0
-    for m in list(module.modules()):
-        for conv_name, bn_name in getattr(m, "fuse_pairs", ()):
-            conv, bn = getattr(m, conv_name, None), getattr(m, bn_name, None)
+    for conv_name, bn_name in getattr(m, "fuse_pairs", ()):
+        conv, bn = getattr(m, conv_name, None), getattr(m, bn_name, None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            setattr(m, conv_name, fold_bn(conv, bn))
+            setattr(m, bn_name, nn.Identity())
+            count += 1
+    if isinstance(m, nn.Sequential):
+        keys = list(m._modules)
+        for a, b in zip(keys, keys[1:]):
+            conv, bn = m._modules[a], m._modules[b]
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(m, conv_name, fold_bn(conv, bn))
-                setattr(m, bn_name, nn.Identity())
+                m._modules[a] = fold_bn(conv, bn)
+                m._modules[b] = nn.Identity()
                 count += 1
-        if isinstance(m, nn.Sequential):
-            keys = list(m._modules)
-            for a, b in zip(keys, keys[1:]):
-                conv, bn = m._modules[a], m._modules[b]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    m._modules[a] = fold_bn(conv, bn)
-                    m._modules[b] = nn.Identity()
-                    count += 1
     return count
+
+
+def fuse_conv_bn_pairs(module: nn.Module) -> int:
+    """``fold_conv_bn_children`` on ``module`` and every module below it; returns how many pairs were folded."""
+    return sum(fold_conv_bn_children(m) for m in list(module.modules()))
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """Spatial-reduction attention (PVT v1 and v2): queries from every token, keys and values from a smaller map."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .attention import AttentionCore
 
 
 class SpatialReductionAttention(nn.Module):
@@ -27,6 +28,7 @@ class SpatialReductionAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.attn_drop = attn_drop
+        self.core = AttentionCore()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         # NOTE: the reduction's LayerNorm keeps torch's default eps 1e-5 in the official code and in timm
@@ -55,6 +57,6 @@ class SpatialReductionAttention(nn.Module):
         kv = self.kv(self.reduce(x, size) if self.reduces else x)
         kv = kv.reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # -> (2, B, h, N', d)
         k, v = kv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = self.core(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, grid=size)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, h, N, d) -> (B, N, C)
         return self.proj_drop(self.proj(x))

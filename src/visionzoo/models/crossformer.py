@@ -196,6 +196,8 @@ class CrossFormer(Backbone):
     """
 
     kind = "vit"
+    takes_img_size = True
+    takes_patch_size = True
     min_input_size = 32
     input_multiple = 32
     first_conv = "patch_embed.projs.0"  # the smallest of the cross-scale kernels; the others are adapted too

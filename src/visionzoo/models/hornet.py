@@ -135,6 +135,7 @@ class HorNet(Backbone):
     """
 
     kind = "convnet"
+    takes_img_size = True
     first_conv = "downsample_layers.0.0"
     classifier = "head"
 

@@ -314,6 +314,7 @@ class MaxViT(Backbone):
     """
 
     kind = "hybrid"
+    takes_img_size = True
     cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     min_input_size = 32
     input_multiple = 32

@@ -53,6 +53,8 @@ class PyramidVisionTransformer(LastStageClassTokenMixin, Backbone):
     """
 
     kind = "vit"
+    takes_img_size = True
+    takes_patch_size = True
     min_input_size = 32
     input_multiple = 32
     no_weight_decay_keys = ("cls_token",)

@@ -200,6 +200,8 @@ class SwinTransformer(Backbone):
     """
 
     kind = "vit"
+    takes_img_size = True
+    takes_patch_size = True
     min_input_size = 32
     input_multiple = 32
     no_weight_decay_keys = ("relative_position_bias_table",)

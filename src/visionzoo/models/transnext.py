@@ -253,6 +253,7 @@ class TransNeXt(Backbone):
     """
 
     kind = "vit"
+    takes_patch_size = True
     min_input_size = 32
     input_multiple = 32
     first_conv = "patch_embed1.proj"

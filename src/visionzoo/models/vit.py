@@ -74,6 +74,8 @@ class VisionTransformer(Backbone):
     """
 
     kind = "vit"
+    takes_img_size = True
+    takes_patch_size = True
     min_input_size = 16
     input_multiple = 16
     no_weight_decay_keys = ("pos_embed", "cls_token", "dist_token")

@@ -117,6 +117,7 @@ class WaveMix(Backbone):
     """
 
     kind = "convnet"
+    takes_patch_size = True
     cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     first_conv = "stem.0"
 

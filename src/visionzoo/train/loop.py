@@ -448,10 +448,8 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int | None
                 patch_size: int | None = None, **overrides: Any) -> nn.Module:
     """``create_model`` for training: ``patch_size`` is passed only to families that have one (so one recipe
     serves ConvNets and ViTs); other ``overrides`` go to every model and must be its constructor's arguments."""
-    import inspect
-
     from visionzoo.registry import create_model, get_variant
 
-    if patch_size is not None and "patch_size" in inspect.signature(get_variant(name).cls.__init__).parameters:
+    if patch_size is not None and getattr(get_variant(name).cls, "takes_patch_size", False):
         overrides["patch_size"] = patch_size
     return create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **overrides)
