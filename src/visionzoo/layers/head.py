@@ -44,7 +44,8 @@ class ClassifierHead(nn.Module):
         self.norm = get_norm(norm_layer)(in_features) if norm_layer is not None else nn.Identity()
         self.pre_logits = pre_logits if pre_logits is not None else nn.Identity()
         self.drop = nn.Dropout(drop_rate)
-        self.fc = self._new_fc(num_classes)
+        # NOTE: torch's default Linear init here; the family's own init pass follows at the end of its __init__
+        self.fc = nn.Linear(self.hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def _new_fc(self, num_classes: int, device: torch.device | None = None, dtype: torch.dtype | None = None
                 ) -> nn.Module:
