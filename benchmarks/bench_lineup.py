@@ -12,4 +12,4 @@ import sys
 from visionzoo.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "--roofline", "--out", "bench-results", *sys.argv[1:]]))
+    sys.exit(main(["bench", "--roofline", *sys.argv[1:]]))

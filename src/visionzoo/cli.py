@@ -1,11 +1,14 @@
-"""``visionzoo bench | list | info | convert | train | eval | compare``: parse the arguments, then call the package."""
+"""``visionzoo bench | list | info | convert | export | train | eval | compare``: parse arguments, call the package."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
+
+from visionzoo.errors import VisionZooError
 
 
 def _console():
@@ -19,22 +22,16 @@ def _console():
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from visionzoo.bench.measure import BenchConfig, resolve_models, run
-    from visionzoo.bench.report import summary_lines, table, write_all
+    from visionzoo.bench.report import output_folder, summary_lines, table, update_latest, write_all
+    from visionzoo.bench.runner import resolve_models, run
+    from visionzoo.bench.schema import BenchConfig
 
-    if args.deploy:
-        args.fuse, args.channels_last, args.compile = True, True, args.compile or "default"
-    quick = not args.pattern  # the default line-up: smaller batch and budget so ~15 models fit in 3 minutes
-    for key, full, short in (("batch_size", [1, 32], [1, 16]), ("repeats", 3, 2), ("budget", 3.0, 1.0)):
-        if getattr(args, key) is None:
-            setattr(args, key, short if quick else full)
-    cfg = BenchConfig(batch_sizes=tuple(args.batch_size), img_size=args.img_size, dtype=args.dtype,
-                      channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
-                      freeze=not args.no_freeze, threads=args.threads,
-                      device=args.device, mode=args.mode, repeats=args.repeats, budget=args.budget,
-                      subprocess=not args.in_process, omp_wait_policy=args.omp_wait_policy,
-                      malloc_policy=args.malloc,
-                      compare_timm=args.compare_timm, roofline=args.roofline, timeout=args.timeout).validate()
+    cfg = BenchConfig(batch_sizes=args.batch_size and tuple(args.batch_size), img_size=args.img_size,
+                      dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
+                      deploy=args.deploy, freeze=not args.no_freeze, threads=args.threads, device=args.device,
+                      mode=args.mode, repeats=args.repeats, budget=args.budget, subprocess=not args.in_process,
+                      omp_wait_policy=args.omp_wait_policy, malloc_policy=args.malloc,
+                      compare_timm=args.compare_timm, roofline=args.roofline, timeout=args.timeout)
     names, _ = resolve_models(args.pattern)
     con = _console()
     if not args.pattern:
@@ -54,15 +51,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.compare_timm:
         for note in sorted({r.timm_note for r in results if r.timm_note}):
             con.print(f"compare-timm: {note}")
+    out = output_folder(args.out)
     try:
-        paths = write_all(results, args.out, plots=not args.no_plots)
+        paths = write_all(results, out, plots=not args.no_plots)
     except ImportError as e:
-        paths = write_all(results, args.out, plots=False)
+        paths = write_all(results, out, plots=False)
         con.print(f"plots skipped: {e} (pip install matplotlib)")
-    con.print("wrote " + ", ".join(paths.values()))
+    if args.out is None and update_latest(out, results):
+        con.print(f"wrote {', '.join(paths.values())} (also {os.path.join(os.path.dirname(out), 'latest')})")
+    else:
+        con.print("wrote " + ", ".join(paths.values()))
     if results.interrupted:
         return 130
     return 1 if results and all(r.status == "error" for r in results) else 0
+
+
+def _model_or_checkpoint(spec: str, img_size: int | None = None):  # noqa: ANN202
+    """A registered name (random weights) or a checkpoint of ours (``.safetensors``); says which it built."""
+    import visionzoo
+
+    if os.path.exists(spec):
+        return visionzoo.load_model(spec), f"weights from {spec}"
+    if spec.endswith((".safetensors", ".pt", ".pth", ".bin")):
+        raise FileNotFoundError(f"checkpoint {spec!r} does not exist; give a checkpoint path or a model name "
+                                f"(`visionzoo list`)")
+    kwargs = {} if img_size is None else {"img_size": img_size}
+    return visionzoo.create_model(spec, **kwargs), "random weights (give a checkpoint to export trained ones)"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import visionzoo.export as export
+
+    model, what = _model_or_checkpoint(args.model, args.img_size)
+    if args.fuse:
+        model.eval().fuse()
+    batch = args.batch if args.batch == "dynamic" else int(args.batch)
+    print(f"exporting {model.name} ({what}) to {args.format}...", flush=True)
+    if args.format == "onnx":
+        report = export.onnx(model, args.out, img_size=args.img_size, batch=batch, opset=args.opset,
+                             time_budget=args.time)
+    else:
+        report = export.pt2(model, args.out, img_size=args.img_size, batch=batch, time_budget=args.time)
+    print(report.summary())
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -401,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the matmul peak and memory bandwidth; report model FLOP utilisation")
     s.add_argument("--compare-timm", action="store_true",
                    help="also time timm's model of the same name, interleaved, and print ours/timm")
-    s.add_argument("--out", default="bench-results", help="folder for CSV, JSON and plots")
+    s.add_argument("--out", default=None,
+                   help="folder for CSV, JSON and plots (default: a new bench-results/<date-time>/ per run, with "
+                        "bench-results/latest pointing to the newest run that measured something)")
     s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     s.set_defaults(func=cmd_bench)
     s = sub.add_parser("list", help="list registered models with their official and reported numbers")
@@ -418,15 +451,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst", help="output path, .safetensors (or .pt)")
     s.add_argument("--model", required=True, help="registered model name")
     s.set_defaults(func=cmd_convert)
+    s = sub.add_parser("export", help="export a model to ONNX or a torch.export program, checked against eager")
+    s.add_argument("model", help="registered model name (random weights) or a checkpoint of ours")
+    s.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
+    s.add_argument("--img-size", type=int, default=None, help="input side (default: the model's own)")
+    s.add_argument("--batch", default="dynamic", type=_batch_arg,
+                   help="'dynamic' (any batch size, the default) or a fixed batch size")
+    s.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    s.add_argument("--fuse", action="store_true", help="export the deploy form (model.fuse())")
+    s.add_argument("--time", type=float, default=1.0,
+                   help="seconds to time eager and the exported model each (0: skip timing)")
+    s.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    s.set_defaults(func=cmd_export)
     add_train_commands(sub)
     return p
+
+
+def _batch_arg(value: str) -> str:
+    if value == "dynamic" or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"must be 'dynamic' or a positive integer, got {value!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (VisionZooError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"visionzoo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

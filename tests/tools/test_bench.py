@@ -8,7 +8,7 @@ import pytest
 
 import visionzoo
 from visionzoo.bench import BenchConfig, run
-from visionzoo.bench.measure import BenchResult
+from visionzoo.bench.schema import BenchResult
 from visionzoo.bench.report import COLUMNS, read_json, write_all
 from visionzoo.cli import main
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from visionzoo.bench.measure import BenchResult
+from visionzoo.bench.schema import BenchResult
 
 COLOURS = {"convnet": "tab:blue", "vit": "tab:orange", "hybrid": "tab:green"}
 

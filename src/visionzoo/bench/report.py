@@ -8,10 +8,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from dataclasses import asdict, fields
 from typing import Any
 
-from visionzoo.bench.measure import BenchResult, BenchResults
+from visionzoo.bench.schema import BenchResult, BenchResults
 
 COLUMNS = [f.name for f in fields(BenchResult)]
 
@@ -52,6 +53,42 @@ def read_json(path: str) -> BenchResults:
                        d.get("roofline"))
     out.interrupted, out.wall_s = d.get("interrupted", False), d.get("wall_s", 0.0)
     return out
+
+
+RESULTS_ROOT = "bench-results"
+
+
+def output_folder(out: str | None = None, root: str = RESULTS_ROOT) -> str:
+    """Where a run writes: ``out`` when given, else a new ``root/<YYYYmmdd-HHMMSS>`` folder, so that no run
+    overwrites an earlier one."""
+    if out is not None:
+        return out
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = os.path.join(root, stamp), 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(root, f"{stamp}-{n}")
+    return path
+
+
+def update_latest(folder: str, results: list[BenchResult]) -> bool:
+    """Point ``<parent>/latest`` at ``folder`` when the run measured at least one model; True if it did.
+
+    A symlink where the file system allows one, else a ``latest`` text file holding the folder name."""
+    if not any(r.status != "error" for r in results):
+        return False
+    parent, name = os.path.split(os.path.abspath(folder))
+    link = os.path.join(parent, "latest")
+    if os.path.islink(link) or os.path.isfile(link):
+        os.remove(link)
+    elif os.path.exists(link):
+        return False  # a real folder named latest: leave it alone
+    try:
+        os.symlink(name, link, target_is_directory=True)
+    except OSError:
+        with open(link, "w") as f:
+            f.write(name + "\n")
+    return True
 
 
 def write_all(results: list[BenchResult], out_dir: str = "bench-results", name: str = "bench",

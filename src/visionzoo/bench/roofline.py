@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from visionzoo.bench.schema import DTYPES
+from visionzoo.bench.system import own_cpu, system_busy
 
 
 def _sync(device: torch.device) -> None:
@@ -59,10 +60,8 @@ def memory_bandwidth(device: str | torch.device = "cpu", mbytes: int = 256, seco
 
 def measure_peaks(device: str | torch.device = "cpu", dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Any]:
     """``{"fp32_gflops", "bf16_gflops", "mem_gbs", "threads", "device"}`` for this machine."""
-    from visionzoo.bench.measure import _own_cpu, _system_busy
-
     out: dict[str, Any] = dict(device=str(device), threads=torch.get_num_threads())
-    t0, busy0, cpu0 = time.perf_counter(), _system_busy(), _own_cpu()
+    t0, busy0, cpu0 = time.perf_counter(), system_busy(), own_cpu()
     for name in dtypes:
         try:
             out[f"{name}_gflops"] = round(matmul_peak(DTYPES[name], device), 1)
@@ -71,7 +70,7 @@ def measure_peaks(device: str | torch.device = "cpu", dtypes: tuple[str, ...] = 
             out[f"{name}_error"] = str(e).splitlines()[0]
     out["mem_gbs"] = round(memory_bandwidth(device), 1)
     if busy0 is not None:  # cores other processes used meanwhile: a shared machine lowers the peak too
-        out["other_cores"] = round(max(0.0, (_system_busy() - busy0 - (_own_cpu() - cpu0))
+        out["other_cores"] = round(max(0.0, (system_busy() - busy0 - (own_cpu() - cpu0))
                                        / (time.perf_counter() - t0)), 2)
     if out.get("fp32_gflops"):
         out["fp32_ridge_flop_per_byte"] = round(out["fp32_gflops"] / out["mem_gbs"], 1)

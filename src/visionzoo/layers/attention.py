@@ -10,7 +10,7 @@ ToMe's log token size) all enter the same way: added to the logits.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,8 @@ else (eager, dynamo, torch.export, ONNX) they are plain calls.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing

@@ -2,7 +2,7 @@
 
 Each model starts from the same seed, sees the same data splits, augmentation, optimiser, schedule and number
 of epochs. The table gives validation accuracy, training time, params, MACs (``visionzoo.profile`` at the
-training size) and inference throughput measured here (``bench.measure.time_interleaved``).
+training size) and inference throughput measured here (``bench.timing.time_interleaved``).
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ class CompareRow:
 def measure_throughput(model: torch.nn.Module, img_size: int, batch_size: int = 64, budget: float = 2.0
                        ) -> tuple[float, bool]:
     """Inference images/s of ``model`` (eval, fp32, this process's threads) and whether others took the cores."""
-    from visionzoo.bench.measure import BenchConfig, time_interleaved
+    from visionzoo.bench.schema import BenchConfig
+    from visionzoo.bench.timing import time_interleaved
 
     p = next(model.parameters())
     x = torch.randn(batch_size, model.in_chans, img_size, img_size, device=p.device)

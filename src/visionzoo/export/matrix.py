@@ -1,0 +1,95 @@
+"""Every trace and export path on a set of models, for ``docs/export.md`` (``scripts/make_export_doc.py``)."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+PATHS = ("torch.export", "torch.export dynamic batch", "fx.symbolic_trace", "compile fullgraph", "ONNX",
+         "ONNX dynamic batch")
+
+
+@dataclass
+class MatrixRow:
+    """One model's result per path: the max |diff| against eager, or the error's first line."""
+
+    model: str
+    family: str
+    diffs: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and len(self.diffs) == len(PATHS)
+
+
+def _check(fn, x, ref) -> float:  # noqa: ANN001
+    with torch.no_grad():
+        return (fn(x) - ref).abs().max().item()
+
+
+def run_paths(name: str, tol: float = 1e-4) -> MatrixRow:
+    """Build ``name`` (random weights, eval), run every path of ``PATHS``, check each against eager."""
+    import visionzoo
+    from visionzoo.export.onnx import onnx
+    from visionzoo.export.verify import example_inputs
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = visionzoo.create_model(name).eval()
+    row = MatrixRow(name, visionzoo.get_variant(name).family)
+    x2, x3 = example_inputs(model, None, (2, 3))
+    with torch.no_grad():
+        ref2 = model(x2)
+
+    def attempt(path: str, fn) -> None:  # noqa: ANN001
+        try:
+            d = fn()
+            if d > tol:
+                row.errors[path] = f"max |diff| {d:.1e} > {tol:.0e}"
+            row.diffs[path] = d
+        except Exception as e:  # noqa: BLE001
+            lines = [ln for ln in traceback.format_exception_only(type(e), e)[-1].splitlines() if ln.strip()]
+            row.errors[path] = lines[0][:160] if lines else type(e).__name__
+
+    def export_static() -> float:
+        return _check(torch.export.export(model, (x2,)).module(), x2, ref2)
+
+    def export_dynamic() -> float:
+        ep = torch.export.export(model, (x2,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+        return max(_check(ep.module(), x2, ref2), _check(ep.module(), x3, model(x3)))
+
+    def fx() -> float:
+        return _check(torch.fx.symbolic_trace(model), x2, ref2)
+
+    def compiled() -> float:
+        torch._dynamo.reset()
+        return _check(torch.compile(model, fullgraph=True), x2, ref2)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def onnx_path(batch):  # noqa: ANN001, ANN202
+            def go() -> float:
+                return onnx(model, os.path.join(tmp, "m.onnx"), batch=batch, time_budget=0).max_abs_diff
+            return go
+
+        for path, fn in zip(PATHS, (export_static, export_dynamic, fx, compiled, onnx_path(2),
+                                    onnx_path("dynamic"))):
+            attempt(path, fn)
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+def markdown(rows: list[MatrixRow], header: str) -> str:
+    """The table of ``docs/export.md``: one row per model, a cell per path (ok with the max |diff|, or why not)."""
+    out = [header, "", "| family | model | " + " | ".join(PATHS) + " |", "|---|---|" + "---|" * len(PATHS)]
+    for r in rows:
+        cells = [f"✗ {r.errors[p]}" if p in r.errors else f"✓ {r.diffs[p]:.0e}" for p in PATHS]
+        out.append(f"| {r.family} | `{r.model}` | " + " | ".join(cells) + " |")
+    n_ok = sum(r.ok for r in rows)
+    out += ["", f"{n_ok} of {len(rows)} models pass every path."]
+    return "\n".join(out) + "\n"
