@@ -1,5 +1,5 @@
-"""WaveMix-specific checks: the Haar DWT against a direct computation, the official key remap, BN folding of the
-transposed convs and of the stem, and the per-level input multiple."""
+"""WaveMix-specific checks: the Haar DWT against a direct computation (and under FX), the official key remap, BN
+folding of the transposed convs and of the stem, and the per-level input multiple."""
 from __future__ import annotations
 
 import pytest
@@ -58,6 +58,16 @@ def test_haar_is_orthonormal_and_multilevel_repeats_on_ll():
     torch.testing.assert_close(highs[0], h1)
     torch.testing.assert_close(highs[1], h2)
     assert [h.shape[-1] for h in highs] == [8, 4, 2] and ll.shape == (2, 4, 2, 2)
+
+
+def test_haar_traces_with_fx_and_pads_odd_sides_at_run_time():
+    gm = torch.fx.symbolic_trace(HaarDWT(2))  # the padding is one opaque node, run on the real sizes
+    for x in (torch.randn(1, 2, 8, 8, dtype=torch.float64), torch.randn(2, 3, 5, 7, dtype=torch.float64)):
+        ll, highs = gm(x)
+        ref_ll, ref_highs = HaarDWT(2)(x)
+        torch.testing.assert_close(ll, ref_ll, atol=1e-12, rtol=0)
+        for got, ref in zip(highs, ref_highs):
+            torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
 
 
 def test_dwt_macs_are_counted_as_a_depthwise_conv():

@@ -18,9 +18,10 @@ a MAC counter sees it as a conv: 4 MACs per output coefficient, that is ``4 * C 
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .tracing import trace_leaf
 
 __all__ = ["HaarDWT", "haar_dwt2d"]
 
@@ -34,13 +35,20 @@ def haar_dwt2d(x: Tensor) -> tuple[Tensor, Tensor]:
     Returns ``(ll, highs)``: ``ll`` (B, C, ceil(H/2), ceil(W/2)) and ``highs`` (B, C, 3, ceil(H/2), ceil(W/2))
     holding LH, HL, HH in that order (pytorch_wavelets' layout of ``yh[0]``).
     """
-    B, C, H, W = x.shape
+    x = _pad_to_even(x)
+    C = x.shape[1]
+    filters = x.new_tensor(_HAAR_SIGNS).mul_(0.5).reshape(4, 1, 2, 2)  # in x's dtype, on its device
+    y = F.conv2d(x, filters.repeat(C, 1, 1, 1), stride=2, groups=C)  # (B, 4C, H/2, W/2), channel = 4c + band
+    y = y.unflatten(1, (-1, 4))  # (B, 4C, h, w) -> (B, C, 4, h, w)
+    return y[:, :, 0], y[:, :, 1:]
+
+
+@trace_leaf  # it branches on the input size: one opaque node under FX
+def _pad_to_even(x: Tensor) -> Tensor:
+    H, W = x.shape[-2:]
     if H % 2 or W % 2:
         x = F.pad(x, (0, W % 2, 0, H % 2))  # zero row / column at the end of an odd side
-    filters = torch.tensor(_HAAR_SIGNS, dtype=x.dtype, device=x.device).mul_(0.5).reshape(4, 1, 2, 2)
-    y = F.conv2d(x, filters.repeat(C, 1, 1, 1), stride=2, groups=C)  # (B, 4C, H/2, W/2), channel = 4c + band
-    y = y.unflatten(1, (C, 4))  # (B, 4C, h, w) -> (B, C, 4, h, w)
-    return y[:, :, 0], y[:, :, 1:]
+    return x
 
 
 class HaarDWT(nn.Module):

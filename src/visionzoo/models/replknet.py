@@ -3,16 +3,18 @@ https://arxiv.org/abs/2203.06717
 
 Stages of (RepLK block, ConvFFN) pairs. A RepLK block is BN, 1x1 conv, a depthwise 31x31 (29, 27, 13) conv, ReLU,
 1x1 conv, plus the input; at train time the large depthwise conv has a parallel 5x5 depthwise conv, each with its
-own BN, summed. ``fuse()`` folds each BN into its conv, pads the 5x5 kernel to the large size and adds it (the
-official ``structural_reparam``), then folds every other conv+BN pair (the official ``deep_fuse_BN``) and, beyond
-the official code, the pre-norm BNs into the 1x1 convs after them; the final BN (after a residual sum, with no conv
-to fold into) becomes a fixed per-channel affine.
+own BN, summed. ``fuse()`` folds every conv+BN pair (the official ``deep_fuse_BN``), pads each folded 5x5 kernel to
+the large size and adds it (the official ``structural_reparam``) and, beyond the official code, folds the pre-norm
+BNs into the 1x1 convs after them; the final BN (after a residual sum, with no conv to fold into) becomes a fixed
+per-channel affine. Each of these is the ``fuse()`` of the block that owns the BN, run by ``Backbone.fuse()``.
 
 Differs from the paper: none. ``small_kernel_merged=True`` builds the merged large-kernel conv directly (the
 official argument of that name), to load re-parameterised checkpoints. The optional implicit-GEMM depthwise kernel
 of the official code (a speed-up only) is not used, nor the extra per-stage BN of RepLKNet-XL for dense tasks.
-Follows DingXiaoH/RepLKNet-pytorch ``replknet.py`` (MIT); the state-dict layout is the official one, so official
-checkpoints load with no remap. Weights keep PyTorch's default init, as in the official code.
+Follows DingXiaoH/RepLKNet-pytorch ``replknet.py`` (MIT). Official checkpoints (train or structural_reparam form)
+load through ``RepLKNet.remap``: each stage holds the transition before it (official ``transitions.i``), the final
+BN sits in a small module (``norm.bn``) and the classifier is ``head.fc``. Weights keep PyTorch's default init, as
+in the official code.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo
-from visionzoo.layers import DropPath, FrozenBatchNorm2d, drop_path_rates, fold_bn, fold_bn_into_conv
+from visionzoo.layers import DropPath, FrozenBatchNorm2d, drop_path_rates, fold_bn_into_conv, fold_conv_bn_children
 from visionzoo.registry import INCEPTION_MEAN, INCEPTION_STD, Paper, Variant, register_family
 
 __all__ = ["RepLKNet"]
@@ -64,13 +66,16 @@ class RepLKNetLargeKernelConv(nn.Module):
         return out if self.small_conv is None else out + self.small_conv(x)
 
     @torch.no_grad()
-    def merge_kernel(self) -> None:
-        """Fold both BNs and add the zero-padded small kernel to the centre of the large one, in place."""
+    def fuse(self) -> None:
+        """Add the zero-padded small kernel to the centre of the large one (both BN-folded), in place."""
         if self.merged:
             return
-        conv = fold_bn(self.lkb_origin.conv, self.lkb_origin.bn)
+        for branch in (self.lkb_origin, self.small_conv):
+            if branch is not None:
+                fold_conv_bn_children(branch)  # a no-op under Backbone.fuse(), which has folded them already
+        conv = self.lkb_origin.conv  # a fresh conv with bias, made by the fold
         if self.small_conv is not None:
-            small = fold_bn(self.small_conv.conv, self.small_conv.bn)
+            small = self.small_conv.conv
             conv.weight.add_(F.pad(small.weight, [(self.kernel_size - self.small_kernel) // 2] * 4))
             conv.bias.add_(small.bias)
         del self.lkb_origin
@@ -97,6 +102,11 @@ class RepLKNetBlock(nn.Module):
         x = self.pw2(self.lk_nonlinear(x))
         return shortcut + self.drop_path(x)
 
+    def fuse(self) -> None:
+        """Fold the pre-norm BN into the 1x1 conv after it (beyond the official deep_fuse_BN)."""
+        if isinstance(self.prelkb_bn, nn.BatchNorm2d):
+            self.pw1.conv, self.prelkb_bn = fold_bn_into_conv(self.prelkb_bn, self.pw1.conv), nn.Identity()
+
 
 class RepLKNetConvFFN(nn.Module):
     """BN, 1x1 conv-BN (expand), GELU, 1x1 conv-BN (project), residual."""
@@ -114,13 +124,22 @@ class RepLKNetConvFFN(nn.Module):
         x = self.pw2(self.nonlinear(self.pw1(self.preffn_bn(x))))
         return shortcut + self.drop_path(x)
 
+    def fuse(self) -> None:
+        """Fold the pre-norm BN into the 1x1 conv after it (beyond the official deep_fuse_BN)."""
+        if isinstance(self.preffn_bn, nn.BatchNorm2d):
+            self.pw1.conv, self.preffn_bn = fold_bn_into_conv(self.preffn_bn, self.pw1.conv), nn.Identity()
+
 
 class RepLKNetStage(nn.Module):
-    """``depth`` pairs of (RepLK block, ConvFFN) at one width and kernel size."""
+    """A transition from the previous stage (1x1 conv to the new width, depthwise 3x3/2 conv; none in the first
+    stage), then ``depth`` pairs of (RepLK block, ConvFFN) at one width and kernel size."""
 
-    def __init__(self, dim: int, depth: int, kernel_size: int, small_kernel: int | None, dw_ratio: float = 1.0,
-                 ffn_ratio: float = 4.0, drop_path: list[float] | None = None, merged: bool = False) -> None:
+    def __init__(self, in_dim: int | None, dim: int, depth: int, kernel_size: int, small_kernel: int | None,
+                 dw_ratio: float = 1.0, ffn_ratio: float = 4.0, drop_path: list[float] | None = None,
+                 merged: bool = False) -> None:
         super().__init__()
+        self.transition = nn.Identity() if in_dim is None else nn.Sequential(
+            _conv_bn(in_dim, dim, 1, relu=True), _conv_bn(dim, dim, 3, stride=2, groups=dim, relu=True))
         dpr = drop_path or [0.0] * depth
         blocks = []
         for i in range(depth):
@@ -129,9 +148,28 @@ class RepLKNetStage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self.transition(x)
         for block in self.blocks:
             x = block(x)
         return x
+
+
+class RepLKNetNorm(nn.Module):
+    """The BN after the last stage. It follows a residual sum, so no conv can absorb it: ``fuse()`` freezes it."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(x)
+
+    def fuse(self) -> None:
+        """Replace the BN with a fixed per-channel affine (its statistics and parameters as buffers)."""
+        bn = self.bn
+        if isinstance(bn, nn.BatchNorm2d):
+            with torch.device(bn.running_mean.device):
+                self.bn = FrozenBatchNorm2d.convert(bn).to(bn.running_mean.dtype)
 
 
 class RepLKNet(Backbone):
@@ -148,7 +186,6 @@ class RepLKNet(Backbone):
     kind = "convnet"
     cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     first_conv = "stem.0.conv"
-    classifier = "head"
 
     def __init__(self, depths: tuple[int, ...] = (2, 2, 18, 2), dims: tuple[int, ...] = (128, 256, 512, 1024),
                  large_kernels: tuple[int, ...] = (31, 29, 27, 13), small_kernel: int | None = 5,
@@ -165,57 +202,43 @@ class RepLKNet(Backbone):
                              f"got large_kernels={tuple(large_kernels)}")
         self.in_chans = in_chans
         w = dims[0]
-        self.stem = nn.ModuleList([
+        self.stem = nn.Sequential(
             _conv_bn(in_chans, w, 3, stride=2, relu=True),
             _conv_bn(w, w, 3, groups=w, relu=True),
             _conv_bn(w, w, 1, relu=True),
             _conv_bn(w, w, 3, stride=2, groups=w, relu=True),
-        ])
+        )
         dpr = drop_path_rates(drop_path_rate, tuple(depths))
-        self.stages = nn.ModuleList()
-        self.transitions = nn.ModuleList()
-        for i, (depth, dim) in enumerate(zip(depths, dims)):
-            self.stages.append(RepLKNetStage(dim, depth, large_kernels[i], small_kernel, dw_ratio, ffn_ratio, dpr[i],
-                                             small_kernel_merged))
-            if i < len(dims) - 1:
-                self.transitions.append(nn.Sequential(_conv_bn(dim, dims[i + 1], 1, relu=True),
-                                                      _conv_bn(dims[i + 1], dims[i + 1], 3, stride=2,
-                                                               groups=dims[i + 1], relu=True)))
+        # NOTE: stage i > 0 builds its transition before its blocks: the official construction order (stage,
+        # transition, stage, ...), which the default init's random draws follow.
+        self.stages = nn.ModuleList(
+            RepLKNetStage(dims[i - 1] if i else None, dim, depth, large_kernels[i], small_kernel, dw_ratio, ffn_ratio,
+                          dpr[i], small_kernel_merged)
+            for i, (depth, dim) in enumerate(zip(depths, dims)))
         self.set_feature_info([FeatureInfo(d, 4 * 2**i, f"stages.{i}") for i, d in enumerate(dims)])
         self.input_multiple = self.min_input_size = 4 * 2 ** (len(dims) - 1)
 
-        self.norm = nn.BatchNorm2d(dims[-1])
-        self.init_linear_head(dims[-1], num_classes, drop_rate)
-
-    def forward_stem(self, x: Tensor) -> Tensor:
-        for layer in self.stem:
-            x = layer(x)
-        return x
-
-    def stage_modules(self) -> list[nn.Module]:
-        """Stage i (> 0) runs the transition (1x1 widen, depthwise 3x3/2) before its blocks."""
-        return [self.stages[0], *(nn.Sequential(t, s) for t, s in zip(self.transitions, self.stages[1:]))]
+        self.norm = RepLKNetNorm(dims[-1])
+        self.init_head(dims[-1], num_classes, drop_rate)
 
     def forward_norm(self, x: Tensor) -> Tensor:
         return self.norm(x)
 
-
-    @torch.no_grad()
-    def fuse(self) -> RepLKNet:
-        """Merge the small kernels into the large ones and fold every BatchNorm, in place."""
-        for m in list(self.modules()):
-            if isinstance(m, RepLKNetLargeKernelConv):
-                m.merge_kernel()
-        super().fuse()  # every conv + BN inside the Sequentials (stem, 1x1 convs, transitions)
-        for m in list(self.modules()):
-            if isinstance(m, RepLKNetBlock) and isinstance(m.prelkb_bn, nn.BatchNorm2d):
-                m.pw1.conv, m.prelkb_bn = fold_bn_into_conv(m.prelkb_bn, m.pw1.conv), nn.Identity()
-            elif isinstance(m, RepLKNetConvFFN) and isinstance(m.preffn_bn, nn.BatchNorm2d):
-                m.pw1.conv, m.preffn_bn = fold_bn_into_conv(m.preffn_bn, m.pw1.conv), nn.Identity()
-        if isinstance(self.norm, nn.BatchNorm2d):
-            with torch.device(self.norm.running_mean.device):
-                self.norm = FrozenBatchNorm2d.convert(self.norm)
-        return self
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official keys -> ours: ``transitions.i.*`` -> ``stages.{i+1}.transition.*``, ``norm.*`` -> ``norm.bn.*``,
+        ``head.*`` -> ``head.fc.*``. Keys already in our layout are kept."""
+        out = {}
+        for k, v in state_dict.items():
+            if k.startswith("transitions."):
+                i, rest = k[len("transitions."):].split(".", 1)
+                k = f"stages.{int(i) + 1}.transition.{rest}"
+            elif k.startswith("norm.") and not k.startswith("norm.bn."):
+                k = "norm.bn." + k[len("norm."):]
+            elif k in ("head.weight", "head.bias"):
+                k = "head.fc." + k[len("head."):]
+            out[k] = v
+        return out
 
 
 _README = "official README"

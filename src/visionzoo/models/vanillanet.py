@@ -5,18 +5,21 @@ A plain stack of layers: no residuals, no attention. Each layer is a 1x1 conv, a
 "series informed activation" (ReLU, then a depthwise (2n+1)x(2n+1) conv). At train time every 1x1 conv is a pair
 of 1x1 convs with BatchNorm and a ``leaky_relu(x, act_learn)`` between them ("deep training"): ``act_learn``
 ramps from 0 (a ReLU, two non-linear layers) to 1 (identity) over the first epochs, after which each pair is one
-linear map. ``fuse()`` then merges every pair and folds every BatchNorm, as the official ``switch_to_deploy``.
+linear map. ``fuse()`` then merges every pair and folds every BatchNorm, as the official ``switch_to_deploy`` (each
+layer's and the head's own ``fuse()``, run by ``Backbone.fuse()``).
 
 ``act_learn`` defaults to 1.0, the state of a trained network (and of the released checkpoints), so a model
 built for inference fuses and loads as is. A training recipe sets it to 0 with ``model.set_act_ramp(0.0)`` and
 raises it each epoch (the official recipe: linearly to 1 over ``decay_epochs=100``). ``deploy=True`` builds the
-fused structure directly, to load checkpoints written by the official ``switch_to_deploy``.
+fused structure directly; a deploy-form checkpoint (the official ``switch_to_deploy``, or ours after ``fuse()``)
+loaded into a train-form model fuses the model first.
 
 Differs from the paper: none. ``features_only`` gives one map per layer after the stem (the strides of the
 layers, so VanillaNet-5 has no stride-4 map). The ``ada_pool`` variant (adaptive max-pool to fixed sizes, tied to
-one input size) is left out. Follows huawei-noah/VanillaNet ``models/vanillanet.py`` (MIT); the state-dict
-layout is the official one in both forms (``stem1``/``stem2``/``cls1``/``cls2`` at train time, ``stem``/``cls``
-after fusion), so official checkpoints load with no remap.
+one input size) is left out. Follows huawei-noah/VanillaNet ``models/vanillanet.py`` (MIT). The layers keep the
+official keys in both forms; the stem is one layer module (``stem.conv1``/``stem.conv2``/``stem.act``, or
+``stem.conv``/``stem.act`` fused) and the head one ``ClassifierHead`` (``head.pre_logits`` = the hidden 1x1 conv
+and BN, ``head.fc`` = the last 1x1 conv, both as Linears), so official checkpoints load through ``VanillaNet.remap``.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo
-from visionzoo.layers import fold_bn, is_meta
+from visionzoo.layers import ClassifierHead, fold_conv_bn_children, init_linear, is_meta
 from visionzoo.registry import Paper, Variant, register_family
 
 __all__ = ["VanillaNet"]
@@ -79,18 +82,23 @@ class VanillaNetAct(nn.Module):
 
 
 class VanillaNetBlock(nn.Module):
-    """One layer: 1x1 conv (two with BN and leaky_relu(act_learn) between at train time), max-pool, activation."""
+    """One layer: conv (two with BN and leaky_relu(act_learn) between at train time), max-pool, activation.
+
+    The first conv is 1x1 (``dim -> dim``), or for the stem a ``patch_size`` patchify conv (``dim -> out_dim``,
+    the official ``stem1``); the second is a 1x1 conv to ``out_dim``. ``fuse()`` merges the pair into ``conv``.
+    """
 
     def __init__(self, dim: int, out_dim: int, stride: int = 1, act_num: int = 3, deploy: bool = False,
-                 act_learn: float = 1.0) -> None:
+                 act_learn: float = 1.0, patch_size: int = 1) -> None:
         super().__init__()
         self.deploy = deploy
         self.act_learn = act_learn
         if deploy:
-            self.conv = nn.Conv2d(dim, out_dim, 1)
+            self.conv = nn.Conv2d(dim, out_dim, patch_size, stride=patch_size)
         else:
-            self.conv1 = nn.Sequential(nn.Conv2d(dim, dim, 1), _bn(dim))
-            self.conv2 = nn.Sequential(nn.Conv2d(dim, out_dim, 1), _bn(out_dim))
+            mid = dim if patch_size == 1 else out_dim
+            self.conv1 = nn.Sequential(nn.Conv2d(dim, mid, patch_size, stride=patch_size), _bn(mid))
+            self.conv2 = nn.Sequential(nn.Conv2d(mid, out_dim, 1), _bn(out_dim))
         self.pool = nn.MaxPool2d(stride) if stride > 1 else nn.Identity()
         self.act = VanillaNetAct(out_dim, act_num, deploy)
 
@@ -102,16 +110,93 @@ class VanillaNetBlock(nn.Module):
         return self.act(self.pool(x))
 
     def fuse(self) -> None:
+        """Merge the conv pair (BN-folded) into one conv, in place (the official ``switch_to_deploy``)."""
         if self.deploy:
             return
-        self.conv = _then_1x1(fold_bn(*self.conv1), fold_bn(*self.conv2))
+        _check_ramp_done(self.act_learn)
+        for pair in (self.conv1, self.conv2):
+            fold_conv_bn_children(pair)  # a no-op under Backbone.fuse(), which has folded them already
+        self.conv = _then_1x1(self.conv1[0], self.conv2[0])
         del self.conv1, self.conv2
         self.act.fuse()
         self.deploy = True
 
 
+class VanillaNetHidden(nn.Module):
+    """The hidden layer of the train-form head, on pooled (B, C) features: dropout, the official 1x1 conv to
+    ``num_classes`` (a Linear here), BN, leaky_relu(act_learn)."""
+
+    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0, act_learn: float = 1.0,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.act_learn = act_learn
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(dim, num_classes, device=device, dtype=dtype)
+        self.norm = nn.BatchNorm1d(num_classes, eps=1e-6, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.leaky_relu(self.norm(self.fc(self.drop(x))), self.act_learn)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold the BN into the Linear before it."""
+        bn = self.norm
+        if not isinstance(bn, nn.BatchNorm1d):
+            return
+        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+        fc = nn.Linear(self.fc.in_features, self.fc.out_features, device=scale.device, dtype=scale.dtype)
+        fc.weight.copy_(self.fc.weight * scale[:, None])
+        fc.bias.copy_((self.fc.bias - bn.running_mean) * scale + bn.bias)
+        self.fc, self.norm = fc, nn.Identity()
+
+
+class VanillaNetHead(ClassifierHead):
+    """Average pool, dropout, then two 1x1 convs (Linears on the pooled features) with BN and leaky_relu(act_learn)
+    between them at train time (the first three as ``pre_logits``, ``hidden_size = num_classes``), or one after
+    ``fuse()`` (deploy form: ``pre_logits`` empty, ``fc`` from the pooled features)."""
+
+    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0, deploy: bool = False,
+                 act_learn: float = 1.0) -> None:
+        hidden = VanillaNetHidden(dim, num_classes, drop_rate, act_learn) if num_classes and not deploy else None
+        # NOTE: with a hidden layer the dropout is its first step (before the hidden conv, as the official head)
+        super().__init__(dim, num_classes, "avg", 0.0 if hidden else drop_rate, pre_logits=hidden,
+                         hidden_size=num_classes if hidden else None)
+        self.drop_rate = drop_rate
+        self.deploy = deploy
+        self.act_learn = act_learn
+
+    def reset(self, num_classes: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        """A fresh classifier of ``num_classes`` outputs; in train form its hidden layer (``num_classes`` wide) too."""
+        hidden = None
+        if num_classes > 0 and not self.deploy:
+            hidden = VanillaNetHidden(self.in_features, num_classes, self.drop_rate, self.act_learn, device, dtype)
+            hidden.apply(init_linear).train(self.training)
+        self.pre_logits = hidden if hidden is not None else nn.Identity()
+        self.drop = nn.Dropout(0.0 if hidden else self.drop_rate)
+        self.hidden_size = num_classes if hidden else self.in_features
+        super().reset(num_classes, device, dtype)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Merge the hidden Linear (BN-folded) and ``fc`` into one ``fc`` from the pooled features (deploy form)."""
+        if self.deploy:
+            return
+        hidden = self.pre_logits
+        if isinstance(hidden, VanillaNetHidden):
+            _check_ramp_done(hidden.act_learn)
+            hidden.fuse()  # a no-op under Backbone.fuse(), which has run it already
+            first, second = hidden.fc, self.fc
+            fc = nn.Linear(first.in_features, second.out_features, device=first.weight.device,
+                           dtype=first.weight.dtype)
+            fc.weight.copy_(second.weight @ first.weight)
+            fc.bias.copy_(second.weight @ first.bias + second.bias)
+            self.pre_logits, self.drop, self.fc = nn.Identity(), hidden.drop, fc
+            self.hidden_size = self.in_features
+        self.deploy = True
+
+
 class VanillaNet(Backbone):
-    """VanillaNet: a 4x4/4 conv stem, then plain layers (1x1 conv, max-pool, activation), then a 1x1-conv head.
+    """VanillaNet: a 4x4/4 conv stem layer, then plain layers (1x1 conv, max-pool, activation), then a 1x1-conv head.
 
     Args:
         dims: the stem width, then the output width of each layer (``len(strides) + 1`` entries).
@@ -123,6 +208,9 @@ class VanillaNet(Backbone):
 
     kind = "convnet"
     cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
+    # NOTE: the hidden layer of the train-form head is num_classes wide, so a checkpoint of another class count
+    # (or reset_classifier) replaces it with the classifier.
+    classifier = ("head.pre_logits.fc", "head.pre_logits.norm", "head.fc")
 
     def __init__(self, dims: tuple[int, ...] = (512, 1024, 2048, 4096), strides: tuple[int, ...] = (2, 2, 2),
                  act_num: int = 3, deploy: bool = False, act_learn: float = 1.0, *, in_chans: int = 3,
@@ -141,15 +229,8 @@ class VanillaNet(Backbone):
             raise ValueError(f"vanillanet: a deploy=True model is already fused, so act_learn must be 1.0, got "
                              f"{act_learn}")
         self.in_chans = in_chans
-        self.deploy = deploy
         self.act_learn = act_learn
-        self.drop_rate = drop_rate
-        if deploy:
-            self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), VanillaNetAct(dims[0], act_num, True))
-        else:
-            self.stem1 = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), _bn(dims[0]))
-            self.stem2 = nn.Sequential(nn.Conv2d(dims[0], dims[0], 1), _bn(dims[0]), VanillaNetAct(dims[0], act_num))
-        self.first_conv = "stem.0" if deploy else "stem1.0"
+        self.stem = VanillaNetBlock(in_chans, dims[0], 1, act_num, deploy, act_learn, patch_size=4)
 
         self.stages = nn.ModuleList()
         infos, reduction = [], 4
@@ -160,59 +241,31 @@ class VanillaNet(Backbone):
         self.set_feature_info(infos)
         self.input_multiple = self.min_input_size = reduction
 
-        self.num_features = self.head_hidden_size = dims[-1]
-        self._make_head(num_classes)
+        self.init_head(dims[-1], num_classes, head=VanillaNetHead(dims[-1], num_classes, drop_rate, deploy, act_learn))
+        self.classifier = type(self).classifier
         self.apply(_init_weights)
 
-    # --- head: pool, dropout, then 1x1 conv + BN, leaky_relu, 1x1 conv (train) or one 1x1 conv (deploy) -------
-    def _make_head(self, num_classes: int) -> None:
-        dim = self.num_features
-        pool_drop = [nn.AdaptiveAvgPool2d(1), nn.Dropout(self.drop_rate)]
-        for name in ("cls", "cls1", "cls2"):
-            if hasattr(self, name):
-                delattr(self, name)
-        if self.deploy:
-            self.cls = nn.Sequential(*pool_drop, *([nn.Conv2d(dim, num_classes, 1)] if num_classes else []))
-            self.classifier = "cls.2"
-        else:
-            self.cls1 = nn.Sequential(*pool_drop, *([nn.Conv2d(dim, num_classes, 1), _bn(num_classes)]
-                                                    if num_classes else []))
-            self.cls2 = nn.Sequential(nn.Conv2d(num_classes, num_classes, 1)) if num_classes else nn.Sequential()
-            self.classifier = ("cls1.2", "cls1.3", "cls2.0")
-        self.num_classes = num_classes
+    # --- the form (train or deploy) and what follows from it ----------------------------------------------
+    @property
+    def deploy(self) -> bool:
+        """Whether the model is in the fused (deploy) form: built with ``deploy=True``, or after ``fuse()``."""
+        return self.stem.deploy
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        head = self.cls if self.deploy else self.cls1
-        x = head[1](head[0](x))  # pool + dropout: (B, C, H, W) -> (B, C, 1, 1)
-        if pre_logits or not self.num_classes:
-            return x.flatten(1)  # (B, C, 1, 1) -> (B, C)
-        if self.deploy:
-            x = head[2](x)
-        else:
-            x = self.cls2(F.leaky_relu(head[3](head[2](x)), self.act_learn))
-        return x.flatten(1)  # (B, K, 1, 1) -> (B, K)
+    @property
+    def first_conv(self) -> str:
+        return "stem.conv" if self.deploy else "stem.conv1.0"
 
-    def get_classifier(self) -> nn.Module:
-        if not self.num_classes:
-            return nn.Identity()
-        return self.cls[2] if self.deploy else self.cls2[0]
+    @property
+    def head_hidden_size(self) -> int:
+        """The head's width before ``fc``: ``num_classes`` in train form (its hidden layer), else ``num_features``."""
+        head = self._modules.get("head")
+        return head.hidden_size if head is not None else self.num_features
 
-    def reset_classifier(self, num_classes: int) -> None:
-        if num_classes < 0:
-            raise ValueError(f"{self.name}: num_classes must be >= 0, got {num_classes}")
-        w = self.stages[0].act.weight
-        with torch.device(w.device):
-            self._make_head(num_classes)
-        for m in (self.cls,) if self.deploy else (self.cls1, self.cls2):
-            m.to(w.dtype).apply(_init_weights)
+    @head_hidden_size.setter
+    def head_hidden_size(self, value: int) -> None:
+        pass  # NOTE: it follows the head (reset_classifier and fuse() change it); Backbone's assignments are ignored
 
-    # --- body ------------------------------------------------------------------------------------------
-    def forward_stem(self, x: Tensor) -> Tensor:
-        if self.deploy:
-            return self.stem(x)
-        return self.stem2(F.leaky_relu(self.stem1(x), self.act_learn))
-
-    # --- deep training and re-parameterisation -----------------------------------------------------------
+    # --- deep training -------------------------------------------------------------------------------
     @staticmethod
     def _check_ramp(value: float) -> None:
         if not 0.0 <= value <= 1.0:
@@ -224,56 +277,75 @@ class VanillaNet(Backbone):
         if self.deploy and value != 1.0:
             raise ValueError(f"{self.name}: the model is in deploy form (fused), where act_learn is fixed at 1.0; "
                              f"got {value}")
-        self.act_learn = float(value)
-        for block in self.stages:
-            block.act_learn = float(value)
+        for m in self._ramp_modules():
+            m.act_learn = float(value)
 
-    def fuse(self) -> VanillaNet:
-        """Merge each conv pair and fold every BatchNorm, in place (the official ``switch_to_deploy``)."""
-        if self.deploy:
-            return self
-        ramps = {self.act_learn, *(b.act_learn for b in self.stages)}
-        if ramps != {1.0}:
-            raise ValueError(f"{self.name}: fuse() is exact only when the deep-training ramp has reached 1 "
-                             f"(leaky_relu is then the identity), but act_learn is {sorted(ramps)}; call "
-                             f"model.set_act_ramp(1.0) when training is done, then fuse()")
-        conv, act = fold_bn(*self.stem1), self.stem2[2]
-        act.fuse()
-        self.stem = nn.Sequential(_then_1x1(conv, fold_bn(*self.stem2[:2])), act)
-        del self.stem1, self.stem2
-        for block in self.stages:
-            block.fuse()
-        head = list(self.cls1)
-        if self.num_classes:
-            head[2:] = [_then_1x1(fold_bn(*head[2:4]), self.cls2[0])]
-        del self.cls1, self.cls2
-        self.cls = nn.Sequential(*head)
-        self.deploy = True
-        self.first_conv, self.classifier = "stem.0", "cls.2"
-        if self.variant is not None:  # a saved fused model rebuilds in deploy form
-            self.variant = (self.variant[0], {**self.variant[1], "deploy": True})
-        return self
+    def _ramp_modules(self) -> list[nn.Module]:
+        """The model, its layers (stem included), the head and its hidden layer: all that hold ``act_learn``."""
+        return [m for m in self.modules() if isinstance(m, (VanillaNet, VanillaNetBlock, VanillaNetHead,
+                                                             VanillaNetHidden))]
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official keys -> ours. Train form: ``stem1.*``/``stem2.*`` -> ``stem.conv1.*``/``stem.conv2.*``/
+        ``stem.act.*``; ``cls1.2`` -> ``head.pre_logits.fc``, ``cls1.3`` -> ``head.pre_logits.norm``, ``cls2.0`` ->
+        ``head.fc``. Deploy form: ``stem.0``/``stem.1`` -> ``stem.conv``/``stem.act``, ``cls.2`` -> ``head.fc``.
+        The head's 1x1 conv weights (K, C, 1, 1) become Linear weights (K, C). Keys already ours are kept."""
+        out = {}
+        for k, v in state_dict.items():
+            for old, new in _OFFICIAL_PREFIXES:
+                if k.startswith(old):
+                    k = new + k[len(old):]
+                    if new.startswith("head.") and k.endswith(".weight") and v.ndim == 4:
+                        v = v.flatten(1)  # (K, C, 1, 1) -> (K, C)
+                    break
+            out[k] = v
+        return out
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Keep this model's head BN statistics when the checkpoint's class count differs (the head is re-made)."""
+        """Fit a checkpoint to this model: a deploy-form one makes a train-form model fuse first (its weights are
+        then replaced); the head BN statistics stay this model's when the class count differs."""
+        state_dict = self.remap(state_dict)  # a no-op when the loader has remapped already
+        deploy_ckpt = "stem.conv.weight" in state_dict
+        if deploy_ckpt and not self.deploy:
+            if {m.act_learn for m in self._ramp_modules()} == {1.0}:
+                self.fuse()
+            else:
+                warnings.warn(f"{self.name}: the checkpoint is in deploy form and the model in train form half-way "
+                              f"up the deep-training ramp; build with deploy=True", stacklevel=3)
+        elif not deploy_ckpt and self.deploy:
+            warnings.warn(f"{self.name}: the checkpoint is in train form and the model in deploy form; build with "
+                          f"deploy=False, load, then call fuse()", stacklevel=3)
         own = self.state_dict()
-        for k in [k for k in state_dict if k.startswith("cls1.3.") and not k.endswith(("weight", "bias"))]:
+        for k in [k for k in state_dict if k.startswith("head.pre_logits.norm.") and
+                  not k.endswith(("weight", "bias"))]:
             if k not in own:
                 del state_dict[k]
             elif own[k].shape != state_dict[k].shape:
                 state_dict[k] = own[k]
-        deploy_ckpt = "stem.0.weight" in state_dict
-        if deploy_ckpt != self.deploy:
-            hint = ("build with deploy=True" if deploy_ckpt else "build with deploy=False, load, then call fuse()")
-            warnings.warn(f"{self.name}: the checkpoint is in {'deploy' if deploy_ckpt else 'train'} form and the "
-                          f"model in {'deploy' if self.deploy else 'train'} form; {hint}", stacklevel=3)
         return state_dict
+
+
+def _check_ramp_done(act_learn: float) -> None:
+    if act_learn != 1.0:
+        raise ValueError(f"vanillanet: fuse() is exact only when the deep-training ramp has reached 1 (leaky_relu is "
+                         f"then the identity), but act_learn is {act_learn}; call model.set_act_ramp(1.0) when "
+                         f"training is done, then fuse()")
+
+
+_OFFICIAL_PREFIXES = (
+    ("stem1.", "stem.conv1."), ("stem2.0.", "stem.conv2.0."), ("stem2.1.", "stem.conv2.1."), ("stem2.2.", "stem.act."),
+    ("stem.0.", "stem.conv."), ("stem.1.", "stem.act."),
+    ("cls1.2.", "head.pre_logits.fc."), ("cls1.3.", "head.pre_logits.norm."), ("cls2.0.", "head.fc."),
+    ("cls.2.", "head.fc."),
+)
 
 
 def _init_weights(m: nn.Module) -> None:
     if is_meta(m):
         return
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
         nn.init.trunc_normal_(m.weight, std=0.02)
         nn.init.zeros_(m.bias)
     elif isinstance(m, VanillaNetAct):

@@ -31,11 +31,36 @@ __all__ = ["WaveMix"]
 STEMS = ("pachify", "strided")  # the official spelling of "patchify"
 
 
-def _feedforward(in_dim: int, hidden_dim: int, ff_dim: int, out_dim: int, drop: float) -> nn.Sequential:
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as ``x * scale + shift``, per channel."""
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return scale, bn.bias - bn.running_mean * scale
+
+
+@torch.no_grad()
+def _fold_bn_into_deconv(deconv: nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> nn.ConvTranspose2d:
+    """A transposed conv with bias computing ``bn(deconv(x))`` in eval mode (its weight is (in, out, kh, kw))."""
+    scale, shift = _bn_scale_shift(bn)
+    fused = nn.ConvTranspose2d(deconv.in_channels, deconv.out_channels, deconv.kernel_size, deconv.stride,
+                               deconv.padding, deconv.output_padding, deconv.groups, bias=True,
+                               dilation=deconv.dilation, device=deconv.weight.device, dtype=deconv.weight.dtype)
+    fused.weight.copy_(deconv.weight * scale.view(1, -1, 1, 1))
+    fused.bias.copy_(shift if deconv.bias is None else deconv.bias * scale + shift)
+    return fused
+
+
+class WaveMixMlp(nn.Sequential):
     """1x1 conv, GELU, dropout, 1x1 conv, then a 4x4/2 transposed conv that doubles the size, and BN."""
-    return nn.Sequential(
-        nn.Conv2d(in_dim, hidden_dim, 1), nn.GELU(), nn.Dropout(drop), nn.Conv2d(hidden_dim, ff_dim, 1),
-        nn.ConvTranspose2d(ff_dim, out_dim, 4, stride=2, padding=1), nn.BatchNorm2d(out_dim))
+
+    def __init__(self, in_dim: int, hidden_dim: int, ff_dim: int, out_dim: int, drop: float) -> None:
+        super().__init__(
+            nn.Conv2d(in_dim, hidden_dim, 1), nn.GELU(), nn.Dropout(drop), nn.Conv2d(hidden_dim, ff_dim, 1),
+            nn.ConvTranspose2d(ff_dim, out_dim, 4, stride=2, padding=1), nn.BatchNorm2d(out_dim))
+
+    def fuse(self) -> None:
+        """Fold the BN into the transposed conv before it."""
+        if isinstance(self[5], nn.BatchNorm2d):
+            self[4], self[5] = _fold_bn_into_deconv(self[4], self[5]), nn.Identity()
 
 
 class WaveMixBlock(nn.Module):
@@ -54,7 +79,7 @@ class WaveMixBlock(nn.Module):
         for j in range(1, level + 1):
             in_dim = dim if j == level else dim + half  # coarsest level: its own coefficients only
             out_dim = dim if j == 1 else half
-            self.add_module(self._ff_name(j), _feedforward(in_dim, dim * mult, ff_channel, out_dim, mlp_drop))
+            self.add_module(self._ff_name(j), WaveMixMlp(in_dim, dim * mult, ff_channel, out_dim, mlp_drop))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _ff_name(self, j: int) -> str:
@@ -74,7 +99,7 @@ class WaveMixBlock(nn.Module):
 
 
 class WaveMixAffine(nn.Module):
-    """A per-channel ``x * weight + bias``: what an eval-mode BatchNorm computes, once folded (see ``fuse``)."""
+    """A per-channel ``x * weight + bias``: what an eval-mode BatchNorm computes, once frozen (``WaveMixStem.fuse``)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -85,22 +110,18 @@ class WaveMixAffine(nn.Module):
         return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
-def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm as ``x * scale + shift``, per channel."""
-    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-    return scale, bn.bias - bn.running_mean * scale
+class WaveMixStem(nn.Sequential):
+    """The conv stem; ``fuse()`` turns the patchify stem's last BN (after GELU, and feeding both the first block's
+    1x1 conv and its residual, so no conv can absorb it) into a fixed per-channel affine."""
 
-
-@torch.no_grad()
-def _fold_bn_into_deconv(deconv: nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> nn.ConvTranspose2d:
-    """A transposed conv with bias computing ``bn(deconv(x))`` in eval mode (its weight is (in, out, kh, kw))."""
-    scale, shift = _bn_scale_shift(bn)
-    fused = nn.ConvTranspose2d(deconv.in_channels, deconv.out_channels, deconv.kernel_size, deconv.stride,
-                               deconv.padding, deconv.output_padding, deconv.groups, bias=True,
-                               dilation=deconv.dilation, device=deconv.weight.device, dtype=deconv.weight.dtype)
-    fused.weight.copy_(deconv.weight * scale.view(1, -1, 1, 1))
-    fused.bias.copy_(shift if deconv.bias is None else deconv.bias * scale + shift)
-    return fused
+    def fuse(self) -> None:
+        last = self[-1]
+        if isinstance(last, nn.BatchNorm2d):
+            affine = WaveMixAffine(last.num_features).to(last.weight.device, last.weight.dtype)
+            with torch.no_grad():
+                for param, value in zip((affine.weight, affine.bias), _bn_scale_shift(last)):
+                    param.copy_(value)
+            self[-1] = affine
 
 
 class WaveMix(Backbone):
@@ -134,13 +155,13 @@ class WaveMix(Backbone):
             raise ValueError(f"wavemix: dim must be a multiple of 4 (the block reduces to dim/4 channels), got {dim}")
         self.in_chans = in_chans
         if stem == "pachify":
-            self.stem = nn.Sequential(
+            self.stem = WaveMixStem(
                 nn.Conv2d(in_chans, dim // 4, 3, padding=1), nn.Conv2d(dim // 4, dim // 2, 3, padding=1),
                 nn.Conv2d(dim // 2, dim, patch_size, stride=patch_size), nn.GELU(), nn.BatchNorm2d(dim))
             reduction = patch_size
         else:
-            self.stem = nn.Sequential(nn.Conv2d(in_chans, dim // 2, 3, stride, padding=1),
-                                      nn.Conv2d(dim // 2, dim, 3, stride, padding=1))
+            self.stem = WaveMixStem(nn.Conv2d(in_chans, dim // 2, 3, stride, padding=1),
+                                    nn.Conv2d(dim // 2, dim, 3, stride, padding=1))
             reduction = stride * stride
         self.min_input_size = self.input_multiple = reduction * 2**level
         dpr = drop_path_rates(drop_path_rate, (depth,))[0]
@@ -151,24 +172,6 @@ class WaveMix(Backbone):
 
     def stage_modules(self) -> list[nn.Module]:
         return list(self.blocks)
-
-    def fuse(self) -> WaveMix:
-        """Fold every BN into the transposed conv before it; the stem's BN (after GELU) becomes an affine."""
-        super().fuse()
-        for blk in self.blocks:
-            for j in range(1, blk.level + 1):
-                ff = getattr(blk, blk._ff_name(j))  # [1x1, GELU, dropout, 1x1, transposed conv, BN]
-                if isinstance(ff[5], nn.BatchNorm2d):
-                    ff[4], ff[5] = _fold_bn_into_deconv(ff[4], ff[5]), nn.Identity()
-        # NOTE: the stem BN feeds both the first block's 1x1 conv and its residual, so no conv can absorb it.
-        last = self.stem[-1]
-        if isinstance(last, nn.BatchNorm2d):
-            affine = WaveMixAffine(last.num_features).to(last.weight.device, last.weight.dtype)
-            with torch.no_grad():
-                for param, value in zip((affine.weight, affine.bias), _bn_scale_shift(last)):
-                    param.copy_(value)
-            self.stem[-1] = affine
-        return self
 
     @staticmethod
     def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
