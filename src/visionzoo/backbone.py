@@ -121,10 +121,20 @@ class Backbone(nn.Module):
         self.num_classes = num_classes
         self.head = head if head is not None else ClassifierHead(
             num_features, num_classes, pool_type, drop_rate, norm_layer, pre_logits, hidden_size, prefix_tokens)
-        self.head_hidden_size = self.head.hidden_size
         self.classifier = tuple(f"head.{n}" for n in self.head.fc_names)
         if len(self.classifier) == 1:
             self.classifier = self.classifier[0]
+
+    @property
+    def head_hidden_size(self) -> int:
+        """The width the classifier reads (``head.hidden_size``): ``num_features`` unless the head has a hidden
+        layer; it follows the head through ``reset_classifier`` and ``fuse()``."""
+        head = self._modules.get("head")
+        return head.hidden_size if isinstance(head, ClassifierHead) else self._head_hidden_size
+
+    @head_hidden_size.setter
+    def head_hidden_size(self, value: int) -> None:
+        self._head_hidden_size = value  # used only before a head exists
 
     @property
     def name(self) -> str:

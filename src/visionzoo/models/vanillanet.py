@@ -255,16 +255,6 @@ class VanillaNet(Backbone):
     def first_conv(self) -> str:
         return "stem.conv" if self.deploy else "stem.conv1.0"
 
-    @property
-    def head_hidden_size(self) -> int:
-        """The head's width before ``fc``: ``num_classes`` in train form (its hidden layer), else ``num_features``."""
-        head = self._modules.get("head")
-        return head.hidden_size if head is not None else self.num_features
-
-    @head_hidden_size.setter
-    def head_hidden_size(self, value: int) -> None:
-        pass  # NOTE: it follows the head (reset_classifier and fuse() change it); Backbone's assignments are ignored
-
     # --- deep training -------------------------------------------------------------------------------
     @staticmethod
     def _check_ramp(value: float) -> None:
