@@ -5,5 +5,5 @@ from visionzoo.registry import create_model, get_variant, list_families, list_mo
 from visionzoo.weights import load_checkpoint, load_model, save
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "explain", "export", "get_variant", "list_families", "list_models", "load_checkpoint", "load_model",
-           "model_info", "profile", "save"]
+__all__ = ["create_model", "explain", "export", "get_variant", "list_families", "list_models", "load_checkpoint",
+           "load_model", "model_info", "profile", "save"]

@@ -8,8 +8,8 @@ import pytest
 
 import visionzoo
 from visionzoo.bench import BenchConfig, run
-from visionzoo.bench.schema import BenchResult
 from visionzoo.bench.report import COLUMNS, read_json, write_all
+from visionzoo.bench.schema import BenchResult
 from visionzoo.cli import main
 
 TEST_MODELS = visionzoo.list_models("*_test")[:2]
