@@ -105,3 +105,12 @@ def test_chunked_inference_path_equals_the_plain_one(monkeypatch):
     with torch.enable_grad():
         plain = model(x)  # grad mode takes the unchunked path
     torch.testing.assert_close(chunked, plain.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_path_is_skipped_while_tracing():
+    stage = create_model("convnext_test", num_classes=10).eval().stages[1]
+    x = torch.randn(2, 16, 16, 16)
+    with torch.no_grad():  # grad off on CPU: eager takes the chunked path
+        gm = torch.fx.symbolic_trace(stage)
+        assert "empty_like" not in gm.code and "mlp" in gm.code  # the plain per-block MLP, no chunk loop
+        torch.testing.assert_close(gm(x), stage(x), atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""InceptionNeXt-specific checks: token-mixer channel split, every BN folded (also on meta), MLP head."""
+"""InceptionNeXt-specific checks: token-mixer channel split, every BN folded (also on meta), MLP head and timm keys."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from visionzoo import create_model, load_checkpoint
-from visionzoo.models.inception_next import InceptionDWConv2d
+from visionzoo.models.inception_next import InceptionDWConv2d, InceptionNeXt
 
 torch.set_num_threads(1)
 
@@ -33,12 +33,33 @@ def test_fuse_folds_every_bn_and_works_on_meta():
     assert sum(p.numel() for p in model.parameters()) == before - n_bn
 
 
-def test_mlp_head_and_timm_classifier_key():
+def _to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our keys -> timm's (head.fc1, head.norm, head.fc2); the inverse of InceptionNeXt.remap."""
+    names = {"head.pre_logits.fc.": "head.fc1.", "head.pre_logits.norm.": "head.norm.", "head.fc.": "head.fc2."}
+    out = {}
+    for k, v in sd.items():
+        for ours, timm in names.items():
+            if k.startswith(ours):
+                k = timm + k[len(ours):]
+        out[k] = v
+    return out
+
+
+def test_mlp_head_and_timm_checkpoints():
     torch.manual_seed(0)
     model = create_model("inception_next_test", num_classes=10).eval()
     assert model.head_hidden_size == 3 * model.num_features
-    assert "head.fc2.weight" in model.state_dict() and "head.norm.weight" in model.state_dict()
+    keys = model.state_dict().keys()
+    assert {"head.pre_logits.fc.weight", "head.pre_logits.norm.weight", "head.fc.weight"} <= keys
+    timm = _to_timm(model.state_dict())
+    assert {"head.fc1.weight", "head.norm.weight", "head.fc2.weight"} <= timm.keys()
+    assert InceptionNeXt.remap(timm).keys() == keys and InceptionNeXt.remap(model.state_dict()).keys() == keys
+    same = create_model("inception_next_test", num_classes=10).eval()
+    assert load_checkpoint(same, timm) == "official"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), model(x), atol=0, rtol=0)
     other = create_model("inception_next_test", num_classes=5).eval()
     with pytest.warns(UserWarning, match="classes"):
-        load_checkpoint(other, model.state_dict())  # a 10-class timm-layout checkpoint into a 5-class model
-    torch.testing.assert_close(other.head.fc1.weight, model.head.fc1.weight)
+        load_checkpoint(other, timm)  # a 10-class timm-layout checkpoint into a 5-class model
+    torch.testing.assert_close(other.head.pre_logits.fc.weight, model.head.pre_logits.fc.weight)

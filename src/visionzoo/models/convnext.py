@@ -22,6 +22,7 @@ from visionzoo.layers import (
     Mlp,
     drop_path_rates,
     init_trunc_normal,
+    is_tracing,
 )
 from visionzoo.registry import Paper, Variant, register_family
 
@@ -54,8 +55,8 @@ class ConvNeXtBlock(nn.Module):
             x = self.mlp(self.norm(x))
             if self.gamma is not None:
                 x = x * self.gamma.view(-1, 1, 1)  # (C,) -> (C, 1, 1)
-        elif not torch.is_grad_enabled() and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            x = self.channels_last_chunked(x)
+        elif not is_tracing() and not torch.is_grad_enabled() and x.device.type == "cpu":
+            x = self.channels_last_chunked(x)  # eager CPU inference only: a traced graph takes the plain path
         else:
             x = x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C), a view
             x = self.mlp(self.norm(x))

@@ -9,18 +9,22 @@ ResNet-like 1x1-kxk-1x1 bottlenecks with ReLU (``block="k1kxk1"``: DeepMAD-R18/R
 
 Differs from the paper: head dropout (``drop_rate``) sits before the classifier (the official code applies it to the
 logits); ``drop_path_rate`` is per-sample stochastic depth on the residual branch (the official ``dropout_layer``
-drops the branch for the whole batch; both are off by default). features_only: the official ``stage_idx`` split
-(one output before every stride-2 super-block, and the last block), without its stride-2 first entry, so four maps
-at strides 4/8/16/32; a stage with a stride-1 super-block (or the final 1x1 conv) holds both. Inputs: any side that is
-a multiple of the total stride (32 for every released structure); no padding.
+drops the branch for the whole batch; both are off by default). Stages: the official ``stage_idx`` split (one output
+before every stride-2 super-block, and the last block), without its stride-2 first entry, so four maps at strides
+4/8/16/32; a stage with a stride-1 super-block (or the final 1x1 conv) holds both, and stride-1 super-blocks right
+after the stem conv open the first stage. Inputs: any side that is a multiple of the total stride (32 for every
+released structure); no padding.
 Follows alibaba/lightweight-neural-architecture-search (Apache-2.0) ``tinynas/deploy/cnnnet`` (the copy the README
-says to train with) and the structure files ``configs/classification/models/deepmad-*.txt``; the state-dict layout
-is the official one (``block_list.{i}.block_list.{j}.conv1.conv1``, ``fc_linear``), so official checkpoints load
-with no remap.
+says to train with) and the structure files ``configs/classification/models/deepmad-*.txt``. The official layout is
+flat (``block_list.{i}`` = the stem conv, the super-blocks and the final conv; ``fc_linear``); ours is ``stem``,
+``stages.{s}.{j}`` (the official blocks of stage ``s``, block names kept) and ``head.fc``. ``DeepMAD.remap`` renames
+the stem and the classifier; which stage an official block index falls in depends on the structure's strides, which
+a checkpoint does not hold, so ``adapt_state_dict`` renames those with the model's own split.
 """
 from __future__ import annotations
 
 import math
+import re
 
 from torch import Tensor, nn
 
@@ -142,8 +146,7 @@ class DeepMAD(Backbone):
 
     kind = "convnet"
     cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
-    first_conv = "block_list.0.conv1"
-    classifier = "fc_linear"
+    first_conv = "stem.conv1"
 
     def __init__(self, depths: tuple[int, ...], dims: tuple[int, ...], btn_dims: tuple[int, ...],
                  strides: tuple[int, ...], kernel_sizes: tuple[int, ...], block: str = "k1kxk1",
@@ -160,7 +163,7 @@ class DeepMAD(Backbone):
             raise ValueError(f"deepmad: every stride must be 1 or 2, got {tuple(strides)}")
         self.in_chans = in_chans
         dpr = drop_path_rates(drop_path_rate, tuple(depths))
-        blocks: list[nn.Module] = [DeepMADConvBN(in_chans, stem_dim, 3, 2, act=True)]
+        blocks: list[nn.Module] = [DeepMADConvBN(in_chans, stem_dim, 3, 2, act=True)]  # the official block_list
         in_dim = stem_dim
         for i in range(n):
             blocks.append(DeepMADSuperBlock(block, in_dim, dims[i], btn_dims[i], depths[i], kernel_sizes[i],
@@ -169,29 +172,44 @@ class DeepMAD(Backbone):
         if head_dim:
             blocks.append(DeepMADConvBN(in_dim, head_dim, 1, act=True))
             in_dim = head_dim
-        self.block_list = nn.ModuleList(blocks)
 
         # The official stage_idx: the block before every stride-2 super-block, and the last block. Its first entry
-        # (stride 2) ends our stem; the others end the stages.
+        # (stride 2) ends the stem's resolution; the others end the stages. Block 0 is the stem, stage s runs from
+        # the block after the previous end to its own end.
         block_strides = [2, *strides] + ([1] if head_dim else [])
         ends = [i - 1 for i in range(1, len(blocks)) if block_strides[i] == 2] + [len(blocks) - 1]
-        self.stem_end = ends[0] + 1
-        self.stage_ends = ends[1:]
-        self.set_feature_info([FeatureInfo(_out_dim(blocks[e]), math.prod(block_strides[:e + 1]), f"block_list.{e}")
-                               for e in self.stage_ends])
+        starts = [1] + [e + 1 for e in ends[1:-1]]
+        self.stem = blocks[0]
+        self.stages = nn.ModuleList(nn.Sequential(*blocks[a:b + 1]) for a, b in zip(starts, ends[1:]))
+        self.official_paths = ["stem"] + [f"stages.{s}.{j}" for s, (a, b) in enumerate(zip(starts, ends[1:]))
+                                          for j in range(b - a + 1)]  # our module path of official block i
+        self.set_feature_info([FeatureInfo(_out_dim(blocks[e]), math.prod(block_strides[:e + 1]), f"stages.{s}")
+                               for s, e in enumerate(ends[1:])])
         self.min_input_size = self.input_multiple = math.prod(block_strides)
 
-        self.init_linear_head(in_dim, num_classes, drop_rate)
+        self.init_head(in_dim, num_classes, drop_rate)
         self.apply(_init_weights)
 
-    def forward_stem(self, x: Tensor) -> Tensor:
-        for blk in self.block_list[:self.stem_end]:
-            x = blk(x)
-        return x
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official keys (also visionzoo checkpoints before stage modules) -> ours, for the stem and the classifier;
+        ``adapt_state_dict`` places the other official blocks in their stages."""
+        out = {}
+        for k, v in state_dict.items():
+            k = re.sub(r"^block_list\.0\.", "stem.", k)
+            k = re.sub(r"^fc_linear\.", "head.fc.", k)
+            out[k] = v
+        return out
 
-    def stage_modules(self) -> list[nn.Module]:
-        starts = [self.stem_end] + [e + 1 for e in self.stage_ends[:-1]]
-        return [nn.Sequential(*self.block_list[a:b + 1]) for a, b in zip(starts, self.stage_ends)]
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official ``block_list.{i}`` keys -> ``stages.{s}.{j}``, by this model's stage split (see the module note)."""
+        out = {}
+        for k, v in self.remap(state_dict).items():
+            m = re.match(r"block_list\.(\d+)\.(.*)$", k)
+            if m and 0 < int(m[1]) < len(self.official_paths):
+                k = f"{self.official_paths[int(m[1])]}.{m[2]}"
+            out[k] = v
+        return out
 
 
 def _out_dim(m: nn.Module) -> int:

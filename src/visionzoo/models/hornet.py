@@ -1,23 +1,42 @@
 """HorNet, from "HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions"
 (Rao et al., NeurIPS 2022). https://arxiv.org/abs/2207.14284
 
-Differs from the paper: none. Follows raoyongming/HorNet ``hornet.py`` (MIT) and keeps its state-dict layout
-(``downsample_layers``, ``stages.i.j``, ``gnconv``, ``pwconv1``, ``norm``, ``head``); timm has no HorNet.
+Differs from the paper: none. Follows raoyongming/HorNet ``hornet.py`` (MIT); timm has no HorNet. The state-dict
+layout is ConvNeXt's (``stem``, ``stages.i.downsample``, ``stages.i.blocks.j``, ``head.norm``, ``head.fc``) with the
+official block names (``gnconv``, ``pwconv1``, ...); ``HorNet.remap`` converts official checkpoints
+(``downsample_layers``, ``stages.i.j``, ``norm``, ``head``).
 
 Input sizes: the GF variants learn a complex filter on a fixed frequency grid. As in the official code the grid is
 set by the build resolution (``img_size``: ``img_size/16`` x ``img_size/32 + 1`` in stage 3, half in stage 4, so
 14x8 and 7x4 at 224, 24x13 and 12x7 at 384). Any other input size works: the filter is resized bilinearly (with
 ``align_corners=True``, as the official ``GlobalLocalFilter`` does on a mismatch) to the input's grid on the fly.
 Building with another ``img_size`` resizes checkpoint filters the same way once, at load time.
+
+Export: eager runs the global filter with ``torch.fft``; while tracing (FX, torch.export, compile, ONNX) it runs the
+same transform as real DFT matrix products at the traced size (``dft_filter``), which exporters and onnxruntime
+handle (no complex dtype). The two agree to float rounding (about 1e-6).
 """
 from __future__ import annotations
+
+import math
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo
-from visionzoo.layers import DropPath, LayerNorm, LayerNorm2d, LayerType, drop_path_rates, get_act, init_trunc_normal
+from visionzoo.layers import (
+    DropPath,
+    LayerNorm,
+    LayerNorm2d,
+    LayerType,
+    drop_path_rates,
+    get_act,
+    init_trunc_normal,
+    is_tracing,
+    trace_leaf,
+)
 from visionzoo.registry import Paper, Variant, register_family
 
 __all__ = ["HorNet"]
@@ -30,6 +49,61 @@ def resize_filter(weight: Tensor, size: tuple[int, int]) -> Tensor:
     weight = weight.permute(3, 0, 1, 2)  # (C, h, w, 2) -> (2, C, h, w): real/imag as the batch
     weight = F.interpolate(weight, size=tuple(size), mode="bilinear", align_corners=True)
     return weight.permute(1, 2, 3, 0)  # (2, C, H, W) -> (C, H, W, 2)
+
+
+@trace_leaf
+def filter_for(weight: Tensor, x: Tensor) -> Tensor:
+    """The ``(C, h, w, 2)`` filter on the rfft2 grid of ``x`` ``(B, C, H, W)``: ``(C, H, W//2 + 1, 2)``, x's dtype."""
+    H, W = x.shape[-2:]
+    return resize_filter(weight, (H, W // 2 + 1)).to(x.dtype)
+
+
+@trace_leaf
+def upcast(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is half or bfloat16 (the filter runs in at least float32), else unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def fft_filter(x: Tensor, weight: Tensor) -> Tensor:
+    """rfft2, times the complex filter ``weight`` ``(C, H, W//2+1, 2)``, irfft2 (both ``norm="ortho"``)."""
+    H, W = x.shape[-2:]
+    x = torch.fft.rfft2(x, dim=(2, 3), norm="ortho")  # (B, C, H, W) -> (B, C, H, W//2+1), complex
+    x = x * torch.view_as_complex(weight.contiguous())  # (C, H, W//2+1, 2) -> (C, H, W//2+1), complex
+    return torch.fft.irfft2(x, s=(H, W), dim=(2, 3), norm="ortho")
+
+
+@trace_leaf
+def dft_bases(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Real DFT matrices for the size of ``x`` ``(B, C, H, W)``, in its dtype and on its device.
+
+    ``cos_h, sin_h`` ``(H, H)``: the DFT along H. ``cos_w, sin_w`` ``(W, W//2+1)``: the rfft along W. ``icos_w,
+    isin_w`` ``(W//2+1, W)``: the irfft along W, each bin weighted by how often it occurs in the full spectrum (bin
+    0 and, for even W, bin W/2 once, the others twice for their conjugate mirror), times both ortho scales 1/(H W).
+    """
+    H, W = x.shape[-2:]
+
+    def cos_sin(n: int, rows: int, cols: int) -> tuple[Tensor, Tensor]:
+        r = torch.arange(rows, device=x.device)
+        c = torch.arange(cols, device=x.device)
+        angle = (r[:, None] * c[None, :] % n).to(x.dtype) * (2 * math.pi / n)  # exact phase, reduced mod n
+        return angle.cos(), angle.sin()
+
+    cos_h, sin_h = cos_sin(H, H, H)
+    cos_w, sin_w = cos_sin(W, W, W // 2 + 1)
+    k = torch.arange(W // 2 + 1, device=x.device)
+    count = (2 - (k == 0).to(torch.int64) - (2 * k == W).to(torch.int64)).to(x.dtype) / (H * W)
+    return cos_h, sin_h, cos_w, sin_w, cos_w.T * count[:, None], sin_w.T * count[:, None]
+
+
+def dft_filter(x: Tensor, weight: Tensor) -> Tensor:
+    """``fft_filter`` as real matrix products at the size of ``x`` (what exporters and onnxruntime run)."""
+    cos_h, sin_h, cos_w, sin_w, icos_w, isin_w = dft_bases(x)
+    w_re, w_im = weight.unbind(-1)  # (C, H, W//2+1, 2) -> 2 x (C, H, W//2+1)
+    re, im = x @ cos_w, -(x @ sin_w)  # rfft along W: (B, C, H, W) -> (B, C, H, W//2+1)
+    re, im = cos_h @ re + sin_h @ im, cos_h @ im - sin_h @ re  # DFT along H: (H, H) @ (B, C, H, W//2+1)
+    re, im = re * w_re - im * w_im, re * w_im + im * w_re  # times the complex filter
+    re, im = cos_h @ re - sin_h @ im, cos_h @ im + sin_h @ re  # inverse DFT along H
+    return re @ icos_w - im @ isin_w  # irfft along W: (B, C, H, W//2+1) -> (B, C, H, W)
 
 
 class HorNetGlobalLocalFilter(nn.Module):
@@ -51,12 +125,10 @@ class HorNetGlobalLocalFilter(nn.Module):
         x = self.pre_norm(x)
         x_local, x_global = x.chunk(2, dim=1)
         x_local = self.dw(x_local)
-        H, W = x_global.shape[-2:]
-        # NOTE: the FFT runs in float32 (as the official code), also under autocast.
-        x_global = torch.fft.rfft2(x_global.float(), dim=(2, 3), norm="ortho")  # (B, C, H, W) -> (B, C, H, W//2+1)
-        weight = resize_filter(self.complex_weight, x_global.shape[-2:])
-        x_global = x_global * torch.view_as_complex(weight.contiguous())  # (C, H, W//2+1, 2) -> (C, H, W//2+1)
-        x_global = torch.fft.irfft2(x_global, s=(H, W), dim=(2, 3), norm="ortho")
+        # NOTE: the filter runs in float32 for half/bfloat16 inputs (as the official code, also under autocast)
+        x_global = upcast(x_global)
+        weight = filter_for(self.complex_weight, x_global)
+        x_global = (dft_filter if is_tracing() else fft_filter)(x_global, weight).type_as(x)
         x = torch.stack((x_local, x_global), dim=2).flatten(1, 2)  # (B, C, 2, H, W) -> (B, 2C, H, W), interleaved
         return self.post_norm(x)
 
@@ -91,8 +163,8 @@ class HorNetGnConv(nn.Module):
         p, q = torch.split(self.proj_in(x), (self.dims[0], sum(self.dims)), dim=1)
         gates = torch.split(self.dwconv(q) * self.scale, self.dims, dim=1)
         x = p * gates[0]
-        for pw, gate in zip(self.pws, gates[1:]):
-            x = pw(x) * gate
+        for i, pw in enumerate(self.pws):  # indexed: under FX ``gates`` is one node that cannot be iterated
+            x = pw(x) * gates[i + 1]
         return self.proj_out(x)
 
 
@@ -124,6 +196,24 @@ class HorNetBlock(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))  # (B, H, W, C) -> (B, C, H, W)
 
 
+class HorNetStage(nn.Module):
+    """Optional downsample (LayerNorm, 2x2 stride-2 conv), then ``depth`` HorNetBlocks."""
+
+    def __init__(self, in_dim: int, out_dim: int, depth: int, stride: int = 2, drop_path: list[float] | None = None,
+                 **block_args) -> None:
+        super().__init__()
+        if stride > 1 or in_dim != out_dim:
+            self.downsample = nn.Sequential(LayerNorm2d(in_dim), nn.Conv2d(in_dim, out_dim, stride, stride=stride))
+        else:
+            self.downsample = nn.Identity()
+        drop_path = drop_path or [0.0] * depth
+        self.blocks = nn.Sequential(*[HorNetBlock(out_dim, drop_path=drop_path[j], **block_args)
+                                      for j in range(depth)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.downsample(x))
+
+
 class HorNet(Backbone):
     """HorNet: a ConvNeXt-like 4-stage network whose spatial mixing is gnConv of order 2..5.
 
@@ -136,8 +226,7 @@ class HorNet(Backbone):
 
     kind = "convnet"
     takes_img_size = True
-    first_conv = "downsample_layers.0.0"
-    classifier = "head"
+    first_conv = "stem.0"
 
     def __init__(self, depths: tuple[int, ...] = (2, 3, 18, 2), dims: tuple[int, ...] = (64, 128, 256, 512),
                  orders: tuple[int, ...] = (2, 3, 4, 5), global_filter: tuple[bool, ...] = (False,) * 4,
@@ -152,34 +241,22 @@ class HorNet(Backbone):
         if img_size < 32 or img_size % 32:
             raise ValueError(f"hornet: img_size must be a multiple of 32 (>= 32), got {img_size}")
         self.in_chans = in_chans
-        self.downsample_layers = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0]))])
-        for i in range(3):
-            self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, 2)))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0]))
         dpr = drop_path_rates(drop_path_rate, tuple(depths))
         self.stages = nn.ModuleList()
         for i in range(4):
             side = img_size // (4 * 2**i)  # the stage's map side at the build resolution
             gf_size = (side, side // 2 + 1) if global_filter[i] else None  # rfft2 grid of a side x side map
-            self.stages.append(nn.Sequential(*[
-                HorNetBlock(dims[i], orders[i], gnconv_scale, kernel_size, gf_size, mlp_ratio, ls_init, act_layer,
-                            dpr[i][j])
-                for j in range(depths[i])]))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.init_linear_head(dims[-1], num_classes, drop_rate)
+            self.stages.append(HorNetStage(dims[max(i - 1, 0)], dims[i], depths[i], stride=2 if i > 0 else 1,
+                                           drop_path=dpr[i], order=orders[i], scale=gnconv_scale,
+                                           kernel_size=kernel_size, gf_size=gf_size, mlp_ratio=mlp_ratio,
+                                           ls_init=ls_init, act_layer=act_layer))
         self.set_feature_info([FeatureInfo(d, 4 * 2**i, f"stages.{i}") for i, d in enumerate(dims)])
-        self.apply(_init_weights)
-
-    def forward_stem(self, x: Tensor) -> Tensor:
-        return self.downsample_layers[0](x)
-
-    def stage_modules(self) -> list[nn.Module]:
-        # The official layout keeps downsampling apart from the blocks; a stage here is (downsample, blocks).
-        return [self.stages[0]] + [nn.Sequential(self.downsample_layers[i], self.stages[i]) for i in range(1, 4)]
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_drop(self.norm(x.mean((2, 3))))  # (B, C, H, W) -> (B, C)
-        return x if pre_logits else self.head(x)
+        self.init_head(dims[-1], num_classes, drop_rate, norm_layer="ln")
+        # NOTE: initialised in the official module order (every downsampling layer, then the blocks, then the
+        # head), so a seeded build draws the same weights as before the stage modules existed.
+        for m in (self.stem, *(s.downsample for s in self.stages), *(s.blocks for s in self.stages), self.head):
+            m.apply(_init_weights)
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resize global filters saved on another frequency grid (another build ``img_size``) to ours."""
@@ -189,6 +266,19 @@ class HorNet(Backbone):
             if k.endswith("complex_weight") and k in own and v.ndim == 4 and v.shape != own[k].shape \
                     and v.shape[0] == own[k].shape[0]:
                 out[k] = resize_filter(v, own[k].shape[1:3])
+        return out
+
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official raoyongming/HorNet keys (also visionzoo checkpoints before stage modules) -> ours."""
+        out = {}
+        for k, v in state_dict.items():
+            k = re.sub(r"^downsample_layers\.0\.", "stem.", k)
+            k = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", k)
+            k = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", k)
+            k = re.sub(r"^norm\.", "head.norm.", k)
+            k = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", k)
+            out[k] = v
         return out
 
 

@@ -2,14 +2,18 @@
 https://arxiv.org/abs/2303.16900
 
 Differs from the paper: none. Follows sail-sg/inceptionnext (Apache-2.0) and timm ``inception_next.py``
-(Apache-2.0); the state-dict layout is timm's, so timm checkpoints load as they are (timm itself loads the
-official release files with no key filter, so those load too).
+(Apache-2.0); the state-dict layout is timm's except the classifier MLP, which is the ``pre_logits`` of the one
+``ClassifierHead`` (``head.pre_logits.fc``, ``head.pre_logits.norm``, ``head.fc``): ``InceptionNeXt.remap`` converts
+timm checkpoints (``head.fc1``, ``head.norm``, ``head.fc2``) and so the official release files, which timm loads
+with no key filter.
 
-``fuse()`` folds every BatchNorm: the stem's into its conv, and the two that sit *before* a conv (downsample
-``BN -> 2x2 conv``, block ``token mixer -> BN -> 1x1 conv``) into that conv, which is exact because neither conv
-pads (``layers.bn_fold``).
+``fuse()`` folds every BatchNorm: the stem's into its conv (the generic walk), and the two that sit *before* a conv
+(downsample ``BN -> 2x2 conv``, block ``token mixer -> BN -> 1x1 conv``) into that conv, which is exact because
+neither conv pads (``layers.fold_bn_into_conv``), in the stage's and the block's ``fuse()``.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +75,7 @@ class InceptionNeXtBlock(nn.Module):
         return x + self.drop_path(y)
 
     def fuse(self) -> None:
+        """Fold the BatchNorm into the MLP's first 1x1 conv after it."""
         if isinstance(self.norm, nn.BatchNorm2d):
             self.mlp.fc1 = fold_bn_into_conv(self.norm, self.mlp.fc1)
             self.norm = nn.Identity()
@@ -94,35 +99,23 @@ class InceptionNeXtStage(nn.Module):
         return self.blocks(self.downsample(x))
 
     def fuse(self) -> None:
+        """Fold the downsample's BatchNorm into the 2x2 conv after it (the blocks fuse themselves)."""
         if isinstance(self.downsample, nn.Sequential) and isinstance(self.downsample[0], nn.BatchNorm2d):
             self.downsample[1] = fold_bn_into_conv(self.downsample[0], self.downsample[1])
             self.downsample[0] = nn.Identity()
-        for block in self.blocks:
-            block.fuse()
 
 
-class InceptionNeXtHead(nn.Module):
-    """Global average pool, Linear (C -> ratio*C), GELU, LayerNorm, dropout, Linear to classes."""
+class InceptionNeXtHeadMlp(nn.Module):
+    """The classifier's hidden layer: Linear (C -> ratio*C), GELU, LayerNorm (a ``ClassifierHead`` pre_logits)."""
 
-    def __init__(self, dim: int, num_classes: int = 1000, mlp_ratio: float = 3.0, act_layer: LayerType = "gelu",
-                 drop_rate: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden: int, act_layer: LayerType = "gelu") -> None:
         super().__init__()
-        self.hidden = int(mlp_ratio * dim)
-        self.fc1 = nn.Linear(dim, self.hidden)
+        self.fc = nn.Linear(dim, hidden)
         self.act = get_act(act_layer)()
-        self.norm = nn.LayerNorm(self.hidden, eps=1e-6)
-        self.drop = nn.Dropout(drop_rate)
-        self.fc2 = nn.Linear(self.hidden, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = nn.LayerNorm(hidden, eps=1e-6)
 
-    def reset(self, num_classes: int) -> None:
-        w = self.fc1.weight
-        self.fc2 = nn.Linear(self.hidden, num_classes, device=w.device, dtype=w.dtype) if num_classes > 0 \
-            else nn.Identity()
-
-    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean((2, 3))  # (B, C, H, W) -> (B, C)
-        x = self.drop(self.norm(self.act(self.fc1(x))))
-        return x if pre_logits else self.fc2(x)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.act(self.fc(x)))
 
 
 class InceptionNeXt(Backbone):
@@ -139,7 +132,6 @@ class InceptionNeXt(Backbone):
     kind = "convnet"
     cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     first_conv = "stem.0"
-    classifier = "head.fc2"
 
     def __init__(self, depths: tuple[int, ...] = (3, 3, 9, 3), dims: tuple[int, ...] = (96, 192, 384, 768),
                  mlp_ratios: tuple[float, ...] = (4, 4, 4, 3), band_kernel_size: int = 11, branch_ratio: float = 0.125,
@@ -160,18 +152,21 @@ class InceptionNeXt(Backbone):
                                mlp_ratio=mlp_ratios[i], mixer_args=mixer_args, ls_init=ls_init, act_layer=act_layer)
             for i in range(4)])
         self.set_feature_info([FeatureInfo(d, 4 * 2**i, f"stages.{i}") for i, d in enumerate(dims)])
-        self.num_features = dims[-1]
-        self.num_classes = num_classes
-        self.head = InceptionNeXtHead(dims[-1], num_classes, head_mlp_ratio, act_layer, drop_rate)
-        self.head_hidden_size = self.head.hidden
+        hidden = int(head_mlp_ratio * dims[-1])
+        self.init_head(dims[-1], num_classes, drop_rate, pre_logits=InceptionNeXtHeadMlp(dims[-1], hidden, act_layer),
+                       hidden_size=hidden)
         self.apply(init_trunc_normal)
 
-    def fuse(self) -> InceptionNeXt:
-        """Fold every BatchNorm: the stem's into its conv (base class), the others into the conv after them."""
-        super().fuse()
-        for stage in self.stages:
-            stage.fuse()
-        return self
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """timm keys (and so the official release files) -> ours: the classifier MLP becomes the head's pre_logits."""
+        out = {}
+        for k, v in state_dict.items():
+            k = re.sub(r"^head\.fc1\.", "head.pre_logits.fc.", k)
+            k = re.sub(r"^head\.norm\.", "head.pre_logits.norm.", k)
+            k = re.sub(r"^head\.fc2\.", "head.fc.", k)
+            out[k] = v
+        return out
 
 
 _README = "official README (sail-sg/inceptionnext), ImageNet-1K table at 224"
