@@ -13,8 +13,21 @@ from torch import Tensor, nn
 from .act import LayerType
 from .init import init_linear
 from .norm import get_norm
+from .tracing import trace_leaf
 
 POOL_TYPES = ("avg", "max", "token", "")
+
+
+@trace_leaf  # it branches on x.ndim: one opaque node under FX
+def _pool(x: Tensor, pool_type: str, prefix_tokens: int) -> Tensor:
+    if x.ndim == 4:
+        if pool_type == "token":
+            raise ValueError("head: pool_type 'token' needs (B, N, C) tokens, got an NCHW map")
+        return x.mean((2, 3)) if pool_type == "avg" else x.amax((2, 3))  # (B, C, H, W) -> (B, C)
+    if pool_type == "token":
+        return x[:, 0]  # class token, (B, N, C) -> (B, C)
+    tokens = x[:, prefix_tokens:]
+    return tokens.mean(1) if pool_type == "avg" else tokens.amax(1)  # (B, N, C) -> (B, C)
 
 
 class ClassifierHead(nn.Module):
@@ -63,14 +76,7 @@ class ClassifierHead(nn.Module):
     def pool(self, x: Tensor) -> Tensor:
         if self.pool_type == "":
             return x
-        if x.ndim == 4:
-            if self.pool_type == "token":
-                raise ValueError("head: pool_type 'token' needs (B, N, C) tokens, got an NCHW map")
-            return x.mean((2, 3)) if self.pool_type == "avg" else x.amax((2, 3))  # (B, C, H, W) -> (B, C)
-        if self.pool_type == "token":
-            return x[:, 0]  # class token, (B, N, C) -> (B, C)
-        tokens = x[:, self.prefix_tokens:]
-        return tokens.mean(1) if self.pool_type == "avg" else tokens.amax(1)  # (B, N, C) -> (B, C)
+        return _pool(x, self.pool_type, self.prefix_tokens)
 
     def forward_pre_logits(self, x: Tensor) -> Tensor:
         return self.drop(self.pre_logits(self.norm(self.pool(x))))
