@@ -10,7 +10,7 @@ einops``), so it runs in the reference venv.
 The official model is built for one square input size (its token reshapes use ``img_size``), so the fixture uses
 its tiny configuration at that size: embed_dim 6, depths 1/1/2/1, heads 2/2/2/2, stripe widths 1/2/2/2, mlp_ratio
 2, 10 classes, 64 px. Stages 1-3 (16x16, 8x8, 4x4 maps) have several stripes in each direction, stage 4 is full
-attention. Writes ``tests/fixtures/cswin_official.*`` (official key layout, loaded as is).
+attention. Writes ``tests/fixtures/cswin_official.*`` (official key layout, loaded through ``remap``).
 
 Run with the reference venv, never in CI:
 ``/work/refenv/bin/python scripts/make_fixture_cswin.py /tmp/cswin/cswin.py``.

@@ -11,7 +11,7 @@ form of the ``MODEL.SPEC`` of ``experiments/imagenet/cvt/*.yaml`` (dw_bn project
 in the last stage), with the factory's QuickGELU and LayerNorm(eps=1e-5).
 
 One tiny configuration (dims 8/16/32, depths 1/2/2, heads 1/2/4, 10 classes), two fixtures in the official key
-layout (loaded as is), with random BatchNorm statistics:
+layout (loaded through ``remap``), with random BatchNorm statistics:
 
 - ``cvt_official``: a 64x64 input;
 - ``cvt_official_rect``: an 80x48 input (non-square maps in every stage).

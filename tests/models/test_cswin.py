@@ -1,4 +1,5 @@
-"""CSWin specifics: padded stripes equal attention in cut stripes, the official key layout, argument checks."""
+"""CSWin specifics: padded stripes equal attention in cut stripes, stage modules and the official keys, argument
+checks, padded sizes under FX."""
 from __future__ import annotations
 
 import pytest
@@ -47,18 +48,30 @@ def test_stripe_wider_than_map_is_full_attention():
         torch.testing.assert_close(stripe(qkv), full(qkv), atol=1e-6, rtol=0)
 
 
-def test_official_key_layout():
+def test_stage_layout_and_official_keys():
+    """Stages are modules (merge, then blocks); the official flat keys translate to them one to one."""
     with torch.device("meta"):
         model = visionzoo.create_model("cswin_tiny")
     sd = model.state_dict()
-    for key in ("stage1_conv_embed.0.weight", "stage1_conv_embed.2.weight", "merge1.conv.weight", "merge3.norm.bias",
-                "stage3.20.qkv.weight", "stage3.20.attns.1.get_v.weight", "stage4.0.attns.0.get_v.weight",
-                "norm.weight", "head.weight"):
+    for key in ("stem.0.weight", "stem.2.weight", "stages.1.downsample.conv.weight", "stages.3.downsample.norm.bias",
+                "stages.2.blocks.20.qkv.weight", "stages.2.blocks.20.attns.1.get_v.weight", "norm.weight",
+                "head.fc.weight"):
         assert key in sd, key
-    assert sd["stage1.0.attns.0.get_v.weight"].shape == (32, 1, 3, 3)  # half the channels per stripe direction
-    assert sd["stage4.0.attns.0.get_v.weight"].shape == (512, 1, 3, 3)  # last stage: one full-attention branch
-    assert "stage4.0.attns.1.get_v.weight" not in sd
+    assert isinstance(model.stages[0].downsample, torch.nn.Identity)
+    assert sd["stages.0.blocks.0.attns.0.get_v.weight"].shape == (32, 1, 3, 3)  # half the channels per direction
+    assert sd["stages.3.blocks.0.attns.0.get_v.weight"].shape == (512, 1, 3, 3)  # last stage: one full attention
+    assert "stages.3.blocks.0.attns.1.get_v.weight" not in sd
     assert not any("mask" in k or "index" in k for k in sd)
+    official = {"stage1_conv_embed.0.weight": "stem.0.weight", "stage1_conv_embed.2.bias": "stem.2.bias",
+                "stage1.0.qkv.weight": "stages.0.blocks.0.qkv.weight",
+                "merge1.conv.weight": "stages.1.downsample.conv.weight",
+                "stage3.20.attns.1.get_v.weight": "stages.2.blocks.20.attns.1.get_v.weight",
+                "merge3.norm.bias": "stages.3.downsample.norm.bias",
+                "stage4.0.mlp.fc2.bias": "stages.3.blocks.0.mlp.fc2.bias",
+                "norm.weight": "norm.weight", "head.weight": "head.fc.weight", "head.bias": "head.fc.bias"}
+    mapped = model.remap(dict.fromkeys(official, torch.zeros(1)))
+    assert list(mapped) == list(official.values())
+    assert list(model.remap(dict.fromkeys(mapped, torch.zeros(1)))) == list(mapped)  # ours pass unchanged
 
 
 def test_odd_heads_in_stripe_stage_raise():
@@ -75,3 +88,13 @@ def test_non_square_input_padding_path():
         out = model(x)
     assert [f.shape[-2:] for f in feats] == [(24, 40), (12, 20), (6, 10), (3, 5)]
     assert torch.isfinite(out).all() and out.shape == (1, 5)
+
+
+def test_padded_stripes_trace():
+    """The stripe padding and its key mask are computed at run time under FX (one graph serves other sizes)."""
+    torch.manual_seed(0)
+    model = visionzoo.create_model("cswin_test", num_classes=5).eval()
+    gm = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        for x in (torch.randn(2, 3, 64, 64), torch.randn(1, 3, 96, 160)):  # stage 3: 4x4 and 6x10, stripes of 3
+            torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)

@@ -1,5 +1,6 @@
 """CvT specifics: the attention against a direct transcription of the official one (whole-width scale, class token
-outside the conv projections), BatchNorm folding, three stages, stochastic depth in the last stage only."""
+outside the conv projections), BatchNorm folding, three stages, stochastic depth in the last stage only, the official
+keys."""
 from __future__ import annotations
 
 import torch
@@ -57,20 +58,29 @@ def test_fuse_folds_every_projection_bn_into_its_conv():
         ref = model(x)
         model.fuse()
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
-    proj = model.stage2.blocks[0].attn.conv_proj_k
+    proj = model.stages[2].blocks[0].attn.conv_proj_k
     assert isinstance(proj.bn, torch.nn.Identity) and proj.conv.bias is not None and proj.conv.stride == (2, 2)
 
 
 def test_three_stages_and_class_token_in_the_last():
     model = visionzoo.create_model("cvt_test", num_classes=5, features_only=True)
     assert model.feature_info.reduction() == [4, 8, 16]
-    assert model.stage0.cls_token is None and model.stage1.cls_token is None
-    assert model.stage2.cls_token.shape == (1, 1, 64)
+    assert model.stages[0].cls_token is None and model.stages[1].cls_token is None
+    assert model.stages[2].cls_token.shape == (1, 1, 64)
 
 
 def test_drop_path_only_in_the_last_stage():
     model = visionzoo.create_model("cvt_test", depths=(1, 1, 3), drop_path_rate=0.2)
     rates = [[b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0 for b in s.blocks]
-             for s in (model.stage0, model.stage1, model.stage2)]
+             for s in model.stages]
     assert rates[:2] == [[0.0], [0.0]]
     assert rates[2] == [0.0, 0.1, 0.2]
+
+
+def test_official_keys_are_remapped():
+    model = visionzoo.create_model("cvt_test", num_classes=5)
+    ours = model.state_dict()
+    official = {k.replace("stages.", "stage", 1).replace("head.fc.", "head.", 1): v for k, v in ours.items()}
+    assert {"stage0.patch_embed.proj.weight", "stage2.cls_token", "head.weight"} <= set(official)
+    assert list(model.remap(official)) == list(ours)
+    assert list(model.remap(ours)) == list(ours)  # ours pass unchanged

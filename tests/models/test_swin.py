@@ -101,6 +101,20 @@ def test_other_input_sizes_pad(size):
         assert [k[:2] for k in model.layers[i].blocks[1]._masks] == [padded]
 
 
+def test_padded_sizes_trace():
+    """At a size that pads (and so masks a padded, shifted map) the FX graph matches eager, and it takes another such
+    size: the padding and the masks are computed at run time, not baked in. (torch.export at a padded size was
+    checked by hand; it takes seconds.)"""
+    torch.manual_seed(0)
+    model = visionzoo.create_model("swin_test", num_classes=10, window_size=5, **SHIFTED).eval()
+    _randomize(model)
+    x, other = torch.randn(2, 3, 96, 64), torch.randn(1, 3, 64, 96)
+    gm = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gm(other), model(other), atol=1e-5, rtol=1e-5)
+
+
 def test_other_size_on_meta_device():
     p = visionzoo.profile("swin_tiny_patch4_window7_224", input_size=256)  # 64x64 maps padded to 70x70 windows
     assert p.gmacs > visionzoo.profile("swin_tiny_patch4_window7_224").gmacs

@@ -1,4 +1,5 @@
-"""ViT / DeiT specifics: position-table resampling, the distilled head, pooling options, input-size errors."""
+"""ViT / DeiT specifics: position-table resampling, the distilled head, pooling options, timm's head keys,
+input-size errors."""
 from __future__ import annotations
 
 import pytest
@@ -45,16 +46,18 @@ def test_non_square_input_grid():
 
 def test_distilled_head_averages_both_tokens():
     model = _model("deit_test")
-    assert model.num_prefix_tokens == 2 and model.classifier == ("head", "head_dist")
+    assert model.num_prefix_tokens == 2 and model.classifier == ("head.fc", "head.fc_dist")
+    assert all(b.attn.core.prefix_tokens == 2 for b in model.blocks)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = model.forward_features(x)
-        expected = (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2
+        expected = (model.head.fc(tokens[:, 0]) + model.head.fc_dist(tokens[:, 1])) / 2
         torch.testing.assert_close(model(x), expected)
         torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens[:, :2].mean(1))
     model.train()
     assert model(x).shape == (2, 5)  # the mean in training too, until distilled training is asked for
     model.set_distilled_training(True)
+    assert model.distilled_training
     logits, logits_dist = model(x)
     assert logits.shape == logits_dist.shape == (2, 5)
     model.eval()
@@ -64,7 +67,7 @@ def test_distilled_head_averages_both_tokens():
 def test_distilled_reset_classifier_replaces_both_heads():
     model = _model("deit_test")
     model.reset_classifier(3)
-    assert model.head.out_features == model.head_dist.out_features == 3
+    assert model.head.fc.out_features == model.head.fc_dist.out_features == 3
     model.reset_classifier(0)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 32)
@@ -73,11 +76,30 @@ def test_distilled_reset_classifier_replaces_both_heads():
 def test_avg_pool_moves_the_final_norm():
     model = _model(global_pool="avg")
     keys = set(model.state_dict())
-    assert "fc_norm.weight" in keys and "norm.weight" not in keys
+    assert "head.norm.weight" in keys and "norm.weight" not in keys
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = model.forward_features(x)
-        torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), model.fc_norm(tokens[:, 1:].mean(1)))
+        torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), model.head.norm(tokens[:, 1:].mean(1)))
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("vit_test", {"global_pool": "avg"}), ("deit_test", {})])
+def test_timm_head_keys_are_remapped(name, kwargs):
+    """timm's (and the official DeiT's) ``head``, ``head_dist`` and ``fc_norm`` load into ``head.fc``,
+    ``head.fc_dist`` and ``head.norm``; our own keys load unchanged."""
+    model = _model(name, **kwargs)
+    ours = model.state_dict()
+    rename = {"head.fc.": "head.", "head.fc_dist.": "head_dist.", "head.norm.": "fc_norm."}
+    timm = {next((new + k[len(old):] for old, new in rename.items() if k.startswith(old)), k): v
+            for k, v in ours.items()}
+    assert {"head.weight", "fc_norm.weight" if kwargs else "head_dist.weight"} <= set(timm)
+    assert model.remap(timm).keys() == ours.keys()
+    assert model.remap(ours).keys() == ours.keys()
+    fresh = visionzoo.create_model(name, num_classes=5, **{**TINY, **kwargs}).eval()
+    assert visionzoo.load_checkpoint(fresh, timm) == "official"
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
 
 
 def test_bad_arguments_and_sizes_raise():

@@ -45,7 +45,8 @@ def test_layer_ids_full_variants_on_meta(name):
         model = visionzoo.create_model(name)
     ids, n = _check_layer_ids(model)
     if name == "vit_base_patch16_224":
-        assert n == 14 and ids["cls_token"] == 0 and ids["blocks.11.mlp.fc1.weight"] == 12 and ids["head.weight"] == 13
+        assert n == 14 and ids["cls_token"] == 0 and ids["blocks.11.mlp.fc1.weight"] == 12
+        assert ids["head.fc.weight"] == 13
 
 
 def test_param_groups_no_weight_decay_and_layer_decay(tiny_model):
@@ -57,7 +58,7 @@ def test_param_groups_no_weight_decay_and_layer_decay(tiny_model):
     assert by_name["blocks.0.attn.qkv.bias"]["weight_decay"] == 0.0  # 1-d: biases and norms
     assert by_name["blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
     _, n = layer_ids(model)  # 0 stem, 1-2 blocks, 3 head
-    assert by_name["head.weight"]["lr_scale"] == 1.0
+    assert by_name["head.fc.weight"]["lr_scale"] == 1.0
     assert by_name["patch_embed.proj.weight"]["lr_scale"] == 0.5 ** (n - 1)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     opt = create_optimizer(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)

@@ -13,8 +13,10 @@ A side shorter than the stripe width gives one stripe as wide as the map (the of
 full attention, which computes the same thing). Stage 4 always attends over the whole map, as the official
 ``last_stage``. LePE is a depthwise 3x3 convolution of V inside each stripe, added to the attention output.
 
-Follows microsoft/CSWin-Transformer ``models/cswin.py`` (MIT) and keeps its state-dict keys (``stage1_conv_embed``,
-``stage1..4``, ``merge1..3``, ``norm``, ``head``), so the released checkpoints load as they are.
+Follows microsoft/CSWin-Transformer ``models/cswin.py`` (MIT). Its flat layout (``stage1_conv_embed``,
+``stage1..4``, ``merge1..3``, ``norm``, ``head``) becomes ours, with stage modules: ``stem``, ``stages.i.downsample``
+(the official ``merge{i}``), ``stages.i.blocks`` (``stage{i+1}``), ``norm``, ``head.fc``; ``CSWinTransformer.remap``
+translates the released checkpoints.
 """
 from __future__ import annotations
 
@@ -23,10 +25,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo
-from visionzoo.layers import DropPath, LayerType, Mlp, drop_path_rates, get_norm, init_linear
+from visionzoo.layers import AttentionCore, DropPath, LayerType, Mlp, drop_path_rates, get_norm, init_linear, trace_leaf
 from visionzoo.registry import Paper, Variant, register_family
 
 __all__ = ["CSWinTransformer"]
+
+
+def stripe_size(H: int, W: int, split_size: int, axis: int | None) -> tuple[int, int]:
+    """Height and width of one stripe on an ``H x W`` map (``axis`` 0: vertical, 1: horizontal, None: the whole map)."""
+    if axis is None:
+        return H, W
+    if axis == 0:
+        return H, min(split_size, W)
+    return min(split_size, H), W
+
+
+@trace_leaf
+def pad_to_stripes(qkv: Tensor, split_size: int, axis: int | None) -> tuple[Tensor, Tensor | None, int, int]:
+    """Zero-pad ``qkv`` ``(B, H, W, 3, C)`` at the bottom / right to whole stripes; returns the padded tensor, the key
+    mask ``(B * nS, 1, 1, N)`` (``False`` on padding; ``None`` when nothing was padded) and the stripe size.
+
+    One node under FX (stripes and padding depend on the concrete size)."""
+    B, H, W = qkv.shape[:3]
+    sh, sw = stripe_size(H, W, split_size, axis)
+    pad_h, pad_w = -H % sh, -W % sw
+    if not (pad_h or pad_w):
+        return qkv, None, sh, sw
+    qkv = F.pad(qkv, (0, 0, 0, 0, 0, pad_w, 0, pad_h))  # -> (B, Hp, Wp, 3, C)
+    Hp, Wp = H + pad_h, W + pad_w
+    rows = torch.arange(Hp, device=qkv.device) < H
+    cols = torch.arange(Wp, device=qkv.device) < W
+    real = rows[:, None] & cols[None, :]  # (Hp, Wp); False on padding
+    mask = real.view(Hp // sh, sh, Wp // sw, sw).transpose(1, 2).reshape(-1, 1, 1, sh * sw)  # keys of each stripe
+    return qkv, mask.repeat(B, 1, 1, 1), sh, sw  # -> (B * nS, 1, 1, N)
 
 
 class LePEAttention(nn.Module):
@@ -38,38 +69,22 @@ class LePEAttention(nn.Module):
         self.split_size = split_size
         self.axis = axis
         self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-
-    def stripe(self, H: int, W: int) -> tuple[int, int]:
-        """Height and width of one stripe on an ``H x W`` map."""
-        if self.axis is None:
-            return H, W
-        if self.axis == 0:
-            return H, min(self.split_size, W)
-        return min(self.split_size, H), W
+        self.core = AttentionCore()
 
     def forward(self, qkv: Tensor) -> Tensor:
         """``qkv``: ``(B, H, W, 3, C)`` -> ``(B, H, W, C)``."""
         B, H, W, _, C = qkv.shape
-        sh, sw = self.stripe(H, W)
-        pad_h, pad_w = -H % sh, -W % sw
-        if pad_h or pad_w:
-            qkv = F.pad(qkv, (0, 0, 0, 0, 0, pad_w, 0, pad_h))  # -> (B, Hp, Wp, 3, C)
-        nh, nw = (H + pad_h) // sh, (W + pad_w) // sw
-        qkv = qkv.view(B, nh, sh, nw, sw, 3, C).permute(5, 0, 1, 3, 2, 4, 6)  # -> (3, B, nh, nw, sh, sw, C)
+        qkv, mask, sh, sw = pad_to_stripes(qkv, self.split_size, self.axis)  # -> (B, Hp, Wp, 3, C)
+        nh, nw = qkv.shape[1] // sh, qkv.shape[2] // sw
+        qkv = qkv.reshape(B, nh, sh, nw, sw, 3, C).permute(5, 0, 1, 3, 2, 4, 6)  # -> (3, B, nh, nw, sh, sw, C)
         q, k, v = qkv.reshape(3, B * nh * nw, sh * sw, C).unbind(0)  # 3 x (B * nS, N, C)
         lepe = self.get_v(v.transpose(1, 2).reshape(-1, C, sh, sw))  # (B * nS, N, C) -> (B * nS, C, sh, sw)
         lepe = lepe.flatten(2).transpose(1, 2)  # -> (B * nS, N, C)
-        q, k, v = (t.view(-1, sh * sw, self.num_heads, C // self.num_heads).transpose(1, 2)
+        q, k, v = (t.reshape(-1, sh * sw, self.num_heads, C // self.num_heads).transpose(1, 2)
                    for t in (q, k, v))  # -> (B * nS, heads, N, C / heads)
-        mask = None
-        if pad_h or pad_w:
-            real = torch.ones(H, W, dtype=torch.bool, device=qkv.device)
-            real = F.pad(real, (0, pad_w, 0, pad_h))  # (H, W) -> (Hp, Wp); False on padding
-            mask = real.view(nh, sh, nw, sw).transpose(1, 2).reshape(nh * nw, 1, 1, sh * sw)  # keys of each stripe
-            mask = mask.repeat(B, 1, 1, 1)  # -> (B * nS, 1, 1, N)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = self.core(q, k, v, mask, grid=(sh, sw))
         x = x.transpose(1, 2).reshape(-1, sh * sw, C) + lepe  # (B * nS, heads, N, d) -> (B * nS, N, C)
-        x = x.view(B, nh, nw, sh, sw, C).transpose(2, 3).reshape(B, nh * sh, nw * sw, C)  # -> (B, Hp, Wp, C)
+        x = x.reshape(B, nh, nw, sh, sw, C).transpose(2, 3).reshape(B, nh * sh, nw * sw, C)  # -> (B, Hp, Wp, C)
         return x[:, :H, :W]
 
 
@@ -124,6 +139,23 @@ class CSWinToNHWC(nn.Module):
         return x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
 
 
+class CSWinStage(nn.Module):
+    """A merge (stages after the first; the official ``merge{i}``), then the stage's blocks, on NHWC maps."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, split_size: int, downsample: bool,
+                 full_attention: bool, mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_drop: float = 0.0,
+                 drop_path: list[float] | None = None, act_layer: LayerType = "gelu",
+                 norm_layer: LayerType = nn.LayerNorm) -> None:
+        super().__init__()
+        self.downsample = CSWinMerge(in_dim, dim, norm_layer) if downsample else nn.Identity()
+        drop_path = drop_path or [0.0] * depth
+        self.blocks = nn.Sequential(*[CSWinBlock(dim, num_heads, split_size, full_attention, mlp_ratio, qkv_bias,
+                                                 proj_drop, drop_path[j], act_layer, norm_layer) for j in range(depth)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.downsample(x))
+
+
 class CSWinTransformer(Backbone):
     """CSWin Transformer: a 7x7 stride-4 conv stem, then four stages of cross-shaped window attention.
 
@@ -136,10 +168,9 @@ class CSWinTransformer(Backbone):
     """
 
     kind = "vit"
+    has_attention = True
     min_input_size = 32
     input_multiple = 32
-    first_conv = "stage1_conv_embed.0"
-    classifier = "head"
 
     def __init__(self, embed_dim: int = 64, depths: tuple[int, ...] = (1, 2, 21, 1),
                  num_heads: tuple[int, ...] = (2, 4, 8, 16), split_size: tuple[int, ...] = (1, 2, 7, 7),
@@ -160,36 +191,44 @@ class CSWinTransformer(Backbone):
         if min(split_size) < 1:
             raise ValueError(f"cswin: split_size entries must be >= 1, got {tuple(split_size)}")
         self.in_chans = in_chans
-        self.stage1_conv_embed = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 7, stride=4, padding=2), CSWinToNHWC(),
-                                               get_norm(norm_layer)(embed_dim))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 7, stride=4, padding=2), CSWinToNHWC(),
+                                  get_norm(norm_layer)(embed_dim))
         dpr = drop_path_rates(drop_path_rate, tuple(depths))
-        infos = []
-        for i in range(4):
-            if i > 0:
-                self.add_module(f"merge{i}", CSWinMerge(dims[i - 1], dims[i], norm_layer))
-            blocks = [CSWinBlock(dims[i], num_heads[i], split_size[i], i == 3, mlp_ratio, qkv_bias, proj_drop_rate,
-                                 dpr[i][j], act_layer, norm_layer) for j in range(depths[i])]
-            self.add_module(f"stage{i + 1}", nn.ModuleList(blocks))
-            infos.append(FeatureInfo(dims[i], 4 * 2**i, f"stage{i + 1}"))
-        self.set_feature_info(infos)
+        self.stages = nn.ModuleList([
+            CSWinStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], split_size[i], i > 0, i == 3,
+                       mlp_ratio, qkv_bias, proj_drop_rate, dpr[i], act_layer, norm_layer) for i in range(4)])
+        self.set_feature_info([FeatureInfo(dims[i], 4 * 2**i, f"stages.{i}") for i in range(4)])
         self.norm = get_norm(norm_layer)(dims[-1])
-        self.init_linear_head(dims[-1], num_classes, drop_rate)
+        self.init_head(dims[-1], num_classes, drop_rate)
         self.apply(init_linear)
 
     def forward_stem(self, x: Tensor) -> Tensor:
-        return self.stage1_conv_embed(x)  # (B, C, H, W) -> (B, H/4, W/4, embed_dim)
-
-    def stage_modules(self) -> list[nn.Module]:
-        # NOTE: views built per call, so the official keys (merge_i beside stage_i+1) stay as they are
-        stages = [nn.Sequential(*self.stage1)]
-        stages += [nn.Sequential(getattr(self, f"merge{i}"), *getattr(self, f"stage{i + 1}")) for i in (1, 2, 3)]
-        return stages
+        return self.stem(x)  # (B, C, H, W) -> (B, H/4, W/4, embed_dim)
 
     def stage_to_nchw(self, x: Tensor) -> Tensor:
         return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
     def forward_norm(self, x: Tensor) -> Tensor:
         return self.norm(x).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official microsoft/CSWin-Transformer keys -> ours: ``stage1_conv_embed`` -> ``stem``, ``stage{i}`` ->
+        ``stages.{i-1}.blocks``, ``merge{i}`` -> ``stages.{i}.downsample``, ``head`` -> ``head.fc``. Keys already
+        in our layout pass unchanged."""
+        out = {}
+        for k, v in state_dict.items():
+            first, _, rest = k.partition(".")
+            if first == "stage1_conv_embed":
+                k = f"stem.{rest}"
+            elif first in ("stage1", "stage2", "stage3", "stage4"):
+                k = f"stages.{int(first[-1]) - 1}.blocks.{rest}"
+            elif first in ("merge1", "merge2", "merge3"):
+                k = f"stages.{first[-1]}.downsample.{rest}"
+            elif k in ("head.weight", "head.bias"):
+                k = f"head.fc.{rest}"
+            out[k] = v
+        return out
 
 
 _README = "official README table"

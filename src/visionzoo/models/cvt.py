@@ -12,19 +12,28 @@ Input sizes: CvT has no position table, so there is nothing to resample: any inp
 strides 4, 8 and 16. ``forward_features`` returns the last stage's tokens ``(B, 1 + H/16 * W/16, C)``, class
 token first, after the final norm; ``fuse()`` folds every projection BatchNorm into its depthwise conv.
 
-Follows the official microsoft/CvT ``lib/models/cls_cvt.py`` and ``experiments/imagenet/cvt/*.yaml`` (MIT), whose
-state-dict keys we keep (timm has no CvT): ``stage{0,1,2}``, ``norm``, ``head``.
+Follows the official microsoft/CvT ``lib/models/cls_cvt.py`` and ``experiments/imagenet/cvt/*.yaml`` (MIT); timm has
+no CvT. Our keys are the official ones with the stages in one list and the library's head: ``stages.{0,1,2}`` (the
+official ``stage{0,1,2}``), ``norm``, ``head.fc`` (``head``); ``ConvolutionalVisionTransformer.remap`` translates
+the released checkpoints.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo
-from visionzoo.layers import LastStageClassTokenMixin, LayerType, MapTokenBlock, drop_path_rates, get_norm, init_linear
+from visionzoo.layers import (
+    AttentionCore,
+    LastStageClassTokenMixin,
+    LayerType,
+    MapTokenBlock,
+    drop_path_rates,
+    get_norm,
+    init_linear,
+)
 from visionzoo.registry import Paper, Variant, register_family
 
 __all__ = ["ConvolutionalVisionTransformer", "QuickGELU"]
@@ -77,21 +86,28 @@ class CvTAttention(nn.Module):
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = attn_drop
+        self.core = AttentionCore(num_prefix_tokens)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    def project(self, conv: nn.Module, linear: nn.Linear, prefix: Tensor, x: Tensor) -> Tensor:
+        """Prefix tokens and the conv-projected map ``x`` ``(B, C, H, W)``, through ``linear``; ``(B, h, N', d)``."""
+        t = torch.cat([prefix, conv(x).flatten(2).transpose(1, 2)], dim=1)  # (B, C, H', W') -> (B, prefix + H'W', C)
+        return linear(t).reshape(t.shape[0], t.shape[1], self.num_heads, -1).transpose(1, 2)  # -> (B, h, N', d)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """``x``: tokens ``(B, prefix + H*W, C)`` of an ``(H, W)`` map."""
         B, N, C = x.shape
         prefix, x = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         x = x.transpose(1, 2).reshape(B, C, *size)  # (B, HW, C) -> (B, C, H, W)
-        heads = []
-        for conv, linear in ((self.conv_proj_q, self.proj_q), (self.conv_proj_k, self.proj_k),
-                             (self.conv_proj_v, self.proj_v)):
-            t = torch.cat([prefix, conv(x).flatten(2).transpose(1, 2)], dim=1)  # -> (B, prefix + H'W', C)
-            heads.append(linear(t).reshape(B, t.shape[1], self.num_heads, -1).transpose(1, 2))  # -> (B, h, N', d)
+        q = self.project(self.conv_proj_q, self.proj_q, prefix, x)
+        k = self.project(self.conv_proj_k, self.proj_k, prefix, x)
+        v = self.project(self.conv_proj_v, self.proj_v, prefix, x)
         drop = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(*heads, dropout_p=drop, scale=self.scale)
+        conv = self.conv_proj_q.conv
+        grid = tuple((n + 2 * pad - kern) // st + 1 for n, pad, kern, st in zip(size, conv.padding, conv.kernel_size,
+                                                                                 conv.stride))  # query map (H, W)
+        x = self.core(q, k, v, scale=self.scale, dropout_p=drop, grid=grid)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, h, N, d) -> (B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -140,11 +156,11 @@ class ConvolutionalVisionTransformer(LastStageClassTokenMixin, Backbone):
     """
 
     kind = "hybrid"
+    has_attention = True
     min_input_size = 16
     input_multiple = 16
     no_weight_decay_keys = ("cls_token",)
-    first_conv = "stage0.patch_embed.proj"
-    classifier = "head"
+    first_conv = "stages.0.patch_embed.proj"
 
     def __init__(self, embed_dims: tuple[int, ...] = (64, 192, 384), depths: tuple[int, ...] = (1, 2, 10),
                  num_heads: tuple[int, ...] = (1, 3, 6), patch_sizes: tuple[int, ...] = (7, 3, 3),
@@ -161,26 +177,38 @@ class ConvolutionalVisionTransformer(LastStageClassTokenMixin, Backbone):
         self.in_chans = in_chans
         self.num_stages = n
         self.embed_dim = embed_dims[-1]
-        stride, infos, in_dim = 1, [], in_chans
+        stride, infos, stages, in_dim = 1, [], [], in_chans
         for i, dim in enumerate(embed_dims):
             dpr = drop_path_rates(drop_path_rate, depths[i]) if i == n - 1 else None
-            setattr(self, f"stage{i}", CvTStage(in_dim, dim, depths[i], num_heads[i], patch_sizes[i], patch_strides[i],
-                                                patch_paddings[i], i == n - 1, mlp_ratio, qkv_bias, attn_drop_rate,
-                                                proj_drop_rate, dpr, act_layer, norm_layer))
+            stages.append(CvTStage(in_dim, dim, depths[i], num_heads[i], patch_sizes[i], patch_strides[i],
+                                   patch_paddings[i], i == n - 1, mlp_ratio, qkv_bias, attn_drop_rate, proj_drop_rate,
+                                   dpr, act_layer, norm_layer))
             stride *= patch_strides[i]
-            infos.append(FeatureInfo(dim, stride, f"stage{i}"))
+            infos.append(FeatureInfo(dim, stride, f"stages.{i}"))
             in_dim = dim
+        self.stages = nn.ModuleList(stages)
         self.min_input_size = self.input_multiple = stride
         self.set_feature_info(infos)
         self.norm = get_norm(norm_layer)(self.embed_dim)
-        self.init_linear_head(self.embed_dim, num_classes, drop_rate, pool="token")
+        self.init_head(self.embed_dim, num_classes, drop_rate, pool_type="token", prefix_tokens=1)
         self.apply(_init_weights)
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return x  # every stage embeds its own tokens
 
-    def stage_modules(self) -> list[nn.Module]:
-        return [getattr(self, f"stage{i}") for i in range(self.num_stages)]
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official microsoft/CvT keys -> ours: ``stage{i}.*`` -> ``stages.{i}.*``, ``head.*`` -> ``head.fc.*``. Keys
+        already in our layout pass unchanged."""
+        out = {}
+        for k, v in state_dict.items():
+            first, _, rest = k.partition(".")
+            if first.startswith("stage") and first[5:].isdigit():
+                k = f"stages.{first[5:]}.{rest}"
+            elif k in ("head.weight", "head.bias"):
+                k = f"head.fc.{rest}"
+            out[k] = v
+        return out
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -30,6 +30,8 @@ from visionzoo.layers import (
     drop_path_rates,
     get_norm,
     init_linear,
+    is_tracing,
+    trace_leaf,
     window_partition,
     window_reverse,
 )
@@ -69,6 +71,21 @@ def shifted_window_mask(size: tuple[int, int], window_size: tuple[int, int], shi
     return torch.zeros(other.shape, device=device, dtype=dtype).masked_fill(other, MASK_VALUE)
 
 
+@trace_leaf
+def shifted_window_mask_like(x: Tensor, window_size: tuple[int, int], shift_size: tuple[int, int]) -> Tensor:
+    """``shifted_window_mask`` for the (padded) NHWC map ``x``, on its device and in its dtype (one node under FX)."""
+    return shifted_window_mask(tuple(x.shape[1:3]), window_size, shift_size, x.device, x.dtype)
+
+
+@trace_leaf
+def pad_to_multiple(x: Tensor, multiple: tuple[int, int]) -> Tensor:
+    """Zero-pad an NHWC map at the bottom and right to a multiple of ``multiple``: ``(B, H, W, C) -> (B, Hp, Wp, C)``.
+
+    One node under FX (the padding depends on the concrete size)."""
+    pad_h, pad_w = -x.shape[1] % multiple[0], -x.shape[2] % multiple[1]
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
 class SwinWindowAttention(Attention):
     """Multi-head attention inside each window, plus a learned relative position bias (and the shift mask)."""
 
@@ -82,15 +99,25 @@ class SwinWindowAttention(Attention):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x``: ``(B * nW, N, C)`` windows; ``mask``: ``(nW, N, N)`` additive shift mask or None."""
-        N = x.shape[1]
+        B_, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, N, 3, h, d) -> 3 x (B*nW, h, N, d)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N * N, heads)
         bias = bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)  # (N, N, heads) -> (1, heads, N, N)
-        if mask is None:
-            return super().forward(x, attn_mask=bias)
-        nW = mask.shape[0]
-        attn_mask = bias + mask.unsqueeze(1)  # (nW, heads, N, N)
-        attn_mask = attn_mask.expand(x.shape[0] // nW, -1, -1, -1, -1).reshape(-1, self.num_heads, N, N)  # (B*nW, ...)
-        return super().forward(x, attn_mask=attn_mask)
+        if mask is not None:
+            nW = mask.shape[0]
+            bias = bias + mask.unsqueeze(1)  # (nW, heads, N, N)
+            bias = bias.expand(B_ // nW, -1, -1, -1, -1).reshape(-1, self.num_heads, N, N)  # -> (B*nW, heads, N, N)
+        drop = self.attn_drop.p if self.training else 0.0
+        x = self.core(q, k, v, bias, scale=self.scale, dropout_p=drop, grid=self.window_size)
+        x = x.transpose(1, 2)  # (B*nW, h, N, d) -> (B*nW, N, h, d)
+        if is_tracing():
+            # NOTE: a copy while tracing only. With a bias that needs grad, the ONNX exporter decomposes the attention
+            # into ops whose output strides differ from those torch.export recorded, and the reshape below (a view
+            # in the exported graph) then fails; a contiguous copy makes the view valid either way
+            x = x.clone(memory_format=torch.contiguous_format)
+        x = x.reshape(B_, N, -1)  # (B*nW, N, h, d) -> (B*nW, N, h * d)
+        return self.proj_drop(self.proj(x))
 
 
 class SwinTransformerBlock(nn.Module):
@@ -111,12 +138,15 @@ class SwinTransformerBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self._masks: dict[tuple, Tensor] = {}  # shift masks by (Hp, Wp, device, dtype); not state
 
-    def shift_mask(self, Hp: int, Wp: int, like: Tensor) -> Tensor:
-        key = (Hp, Wp, like.device, like.dtype)
+    def shift_mask(self, x: Tensor) -> Tensor:
+        """The shift mask for the padded NHWC map ``x``: cached per size, device and dtype in eager mode, built in the
+        graph while tracing (a traced graph keeps no Python cache)."""
+        if is_tracing():
+            return shifted_window_mask_like(x, self.window_size, self.shift_size)
+        key = (x.shape[1], x.shape[2], x.device, x.dtype)
         if key not in self._masks:
             with torch.inference_mode(False):  # a mask made under inference_mode must still serve training
-                self._masks[key] = shifted_window_mask((Hp, Wp), self.window_size, self.shift_size,
-                                                       like.device, like.dtype)
+                self._masks[key] = shifted_window_mask_like(x, self.window_size, self.shift_size)
         return self._masks[key]
 
     def window_attention(self, x: Tensor) -> Tensor:
@@ -126,13 +156,11 @@ class SwinTransformerBlock(nn.Module):
         if shifted:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         # NOTE: roll, then pad bottom/right, as timm does; the zero tokens are not masked
-        pad_h, pad_w = -H % wh, -W % ww
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, H, W, C) -> (B, Hp, Wp, C)
-        Hp, Wp = H + pad_h, W + pad_w
-        windows = window_partition(x, self.window_size).view(-1, wh * ww, C)  # -> (B * nW, N, C)
-        windows = self.attn(windows, self.shift_mask(Hp, Wp, x) if shifted else None)
-        x = window_reverse(windows.view(-1, wh, ww, C), self.window_size, Hp, Wp)  # -> (B, Hp, Wp, C)
+        x = pad_to_multiple(x, self.window_size)  # (B, H, W, C) -> (B, Hp, Wp, C)
+        Hp, Wp = x.shape[1], x.shape[2]
+        windows = window_partition(x, self.window_size).reshape(-1, wh * ww, C)  # -> (B * nW, N, C)
+        windows = self.attn(windows, self.shift_mask(x) if shifted else None)
+        x = window_reverse(windows.reshape(-1, wh, ww, C), self.window_size, Hp, Wp)  # -> (B, Hp, Wp, C)
         x = x[:, :H, :W]
         if shifted:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
@@ -152,9 +180,8 @@ class SwinPatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = pad_to_multiple(x, (2, 2))  # (B, H, W, C) -> (B, H + H % 2, W + W % 2, C)
         B, H, W, C = x.shape
-        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2)) if H % 2 or W % 2 else x
-        H, W = x.shape[1:3]
         # channel order (x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]), as the official code
         x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5)  # -> (B, H/2, W/2, dw, dh, C)
         x = x.flatten(3)  # -> (B, H/2, W/2, 4C)
@@ -200,6 +227,7 @@ class SwinTransformer(Backbone):
     """
 
     kind = "vit"
+    has_attention = True
     takes_img_size = True
     takes_patch_size = True
     min_input_size = 32

@@ -11,10 +11,12 @@ released fine-tuned weights. A distilled model returns the mean of its two heads
 official DeiT code returns both in every training step). Inputs of another size than the model was built for
 get a bicubic (antialiased) resample of the position table on the fly, as timm's ``dynamic_img_size``.
 
-Follows timm's ``vision_transformer.py`` and ``deit.py`` (Apache-2.0), whose state-dict keys we keep. The official
-DeiT repo (facebookresearch/deit, Apache-2.0) builds its models from timm's VisionTransformer, so its
-checkpoints are in the same layout and load with no remap. The official ViT code is JAX
-(google-research/vision_transformer, Apache-2.0); its ``.npz`` checkpoints are not read here.
+Follows timm's ``vision_transformer.py`` and ``deit.py`` (Apache-2.0), whose state-dict keys we keep except for the
+head: ours is the library's one ``ClassifierHead`` (``head.fc``, ``head.norm``; DeiT's second classifier is
+``head.fc_dist``), where timm has ``head``, ``fc_norm`` and ``head_dist``; ``VisionTransformer.remap`` translates
+them. The official DeiT repo (facebookresearch/deit, Apache-2.0) builds its models from timm's VisionTransformer,
+so its checkpoints are in timm's layout. The official ViT code is JAX (google-research/vision_transformer,
+Apache-2.0); its ``.npz`` checkpoints are not read here.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
 from visionzoo.layers import (
     Attention,
+    ClassifierHead,
     DropPath,
     LayerType,
     Mlp,
@@ -34,6 +37,7 @@ from visionzoo.layers import (
     get_norm,
     init_linear,
     resample_abs_pos_embed,
+    trace_leaf,
 )
 from visionzoo.registry import INCEPTION_MEAN, INCEPTION_STD, Paper, Variant, register_family
 
@@ -42,15 +46,24 @@ __all__ = ["VisionTransformer"]
 POOL_TYPES = ("token", "avg")
 
 
+@trace_leaf
+def pos_embed_for(pos_embed: Tensor, x: Tensor, grid_size: tuple[int, int], num_prefix_tokens: int) -> Tensor:
+    """The position table for the patch grid of ``x`` ``(B, H, W, D)``: as is, or resampled from ``grid_size``.
+
+    One opaque node under FX (the resample depends on the concrete grid)."""
+    return resample_abs_pos_embed(pos_embed, tuple(x.shape[1:3]), grid_size, num_prefix_tokens=num_prefix_tokens)
+
+
 class ViTBlock(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, norm_layer: LayerType = "ln", act_layer: LayerType = "gelu") -> None:
+                 drop_path: float = 0.0, norm_layer: LayerType = "ln", act_layer: LayerType = "gelu",
+                 prefix_tokens: int = 1) -> None:
         super().__init__()
         norm = get_norm(norm_layer)
         self.norm1 = norm(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, prefix_tokens=prefix_tokens)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
@@ -61,26 +74,52 @@ class ViTBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
+class DeiTHead(ClassifierHead):
+    """DeiT's two classifiers: ``fc`` on the class token, ``fc_dist`` on the distillation token, logits averaged.
+
+    In training with ``distilled_training`` set, returns ``(logits, logits_dist)`` for a distillation loss.
+    """
+
+    fc_names = ("fc", "fc_dist")
+
+    def __init__(self, in_features: int, num_classes: int = 1000, drop_rate: float = 0.0) -> None:
+        super().__init__(in_features, num_classes, "token", drop_rate, prefix_tokens=2)
+        self.fc_dist = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.distilled_training = False
+
+    def forward_pre_logits(self, x: Tensor) -> Tensor:
+        return (self.drop(x[:, 0]) + self.drop(x[:, 1])) / 2  # mean of the class and distillation tokens
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        if pre_logits:
+            return self.forward_pre_logits(x)
+        x, x_dist = self.fc(self.drop(x[:, 0])), self.fc_dist(self.drop(x[:, 1]))  # (B, N, D) -> 2 x (B, classes)
+        if self.distilled_training and self.training:
+            return x, x_dist
+        return (x + x_dist) / 2
+
+
 class VisionTransformer(Backbone):
     """Patchify, prepend a class token (and a distillation token), add a learned position table, run blocks.
 
     Args:
         img_size: the input size the position table is built for; other sizes (multiples of ``patch_size``)
             resample it on the fly.
-        distilled: add DeiT's distillation token and a second head (``head_dist``); the logits are their mean.
+        distilled: add DeiT's distillation token and a second classifier (``head.fc_dist``); the logits are the
+            mean of both.
         global_pool: ``"token"`` classifies the class token; ``"avg"`` averages the patch tokens, and then the
-            final norm moves after the pooling (``fc_norm``), as in timm.
+            final norm moves after the pooling (``head.norm``, timm's ``fc_norm``), as in timm.
         drop_rate: dropout before the classifier.
     """
 
     kind = "vit"
+    has_attention = True
     takes_img_size = True
     takes_patch_size = True
     min_input_size = 16
     input_multiple = 16
     no_weight_decay_keys = ("pos_embed", "cls_token", "dist_token")
     first_conv = "patch_embed.proj"
-    classifier = "head"
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, distilled: bool = False,
@@ -95,38 +134,31 @@ class VisionTransformer(Backbone):
         if img_size % patch_size:
             raise ValueError(f"vit: img_size {img_size} must be a multiple of patch_size {patch_size}")
         self.in_chans = in_chans
-        self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.embed_dim = embed_dim
         self.min_input_size = self.input_multiple = patch_size
         self.global_pool = global_pool
         self.distilled = distilled
-        self.distilled_training = False
         self.num_prefix_tokens = 2 if distilled else 1
-        if distilled:
-            self.classifier = ("head", "head_dist")
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, output_fmt="NHWC")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
         dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.Sequential(*[ViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_layer, act_layer)
-                                      for i in range(depth)])
+        self.blocks = nn.Sequential(*[ViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_layer, act_layer,
+                                               self.num_prefix_tokens) for i in range(depth)])
         use_fc_norm = global_pool == "avg"
         norm = get_norm(norm_layer)
         self.norm = nn.Identity() if use_fc_norm else norm(embed_dim)
         self.set_feature_info([FeatureInfo(embed_dim, patch_size, f"blocks.{i}") for i in range(depth)])
 
-        self.fc_norm = norm(embed_dim) if use_fc_norm else nn.Identity()
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._linear(num_classes)
         if distilled:
-            self.head_dist = self._linear(num_classes)
+            self.init_head(embed_dim, num_classes, head=DeiTHead(embed_dim, num_classes, drop_rate))
+        else:
+            self.init_head(embed_dim, num_classes, drop_rate, norm_layer if use_fc_norm else None, global_pool,
+                           prefix_tokens=self.num_prefix_tokens)
         self._init_tokens()
         self.apply(_init_weights)
-
-    def _linear(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _init_tokens(self) -> None:
         if self.pos_embed.is_meta:
@@ -141,8 +173,7 @@ class VisionTransformer(Backbone):
         """Image ``(B, C, H, W)`` -> tokens ``(B, prefix + H/p * W/p, D)`` with position embeddings added."""
         x = self.patch_embed(x)  # (B, C, H, W) -> (B, H/p, W/p, D)
         B, H, W, D = x.shape
-        pos_embed = resample_abs_pos_embed(self.pos_embed, (H, W), self.patch_embed.grid_size,
-                                           num_prefix_tokens=self.num_prefix_tokens)
+        pos_embed = pos_embed_for(self.pos_embed, x, self.patch_embed.grid_size, self.num_prefix_tokens)
         prefix = [self.cls_token.expand(B, -1, -1)]
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(B, -1, -1))
@@ -176,44 +207,33 @@ class VisionTransformer(Backbone):
         return outs
 
     # --- head -------------------------------------------------------------------------------------------
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        if self.distilled:
-            x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
-            if pre_logits:
-                return (x + x_dist) / 2
-            x, x_dist = self.head(x), self.head_dist(x_dist)
-            if self.distilled_training and self.training:
-                return x, x_dist
-            return (x + x_dist) / 2
-        if self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, N, D) -> (B, D)
-        else:
-            x = x[:, 0]  # class token, (B, N, D) -> (B, D)
-        x = self.head_drop(self.fc_norm(x))
-        return x if pre_logits else self.head(x)
+    @property
+    def distilled_training(self) -> bool:
+        return self.distilled and self.head.distilled_training
 
     def set_distilled_training(self, enable: bool = True) -> None:
         """In training mode, return ``(logits, logits_dist)`` for a distillation loss instead of their mean."""
         if enable and not self.distilled:
             raise ValueError(f"{self.name}: set_distilled_training needs a model built with distilled=True")
-        self.distilled_training = enable
-
-    def get_classifier(self) -> nn.Module:
-        """The class-token head (a distilled model's second head is ``head_dist``)."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        if num_classes < 0:
-            raise ValueError(f"{self.name}: num_classes must be >= 0, got {num_classes}")
-        like = {"device": self.cls_token.device, "dtype": self.cls_token.dtype}
-        self.num_classes = num_classes
-        self.head = self._linear(num_classes).to(**like).train(self.training)
-        _init_weights(self.head)
         if self.distilled:
-            self.head_dist = self._linear(num_classes).to(**like).train(self.training)
-            _init_weights(self.head_dist)
+            self.head.distilled_training = enable
 
     # --- checkpoints ------------------------------------------------------------------------------------
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """timm / official DeiT keys -> ours: ``head.*`` -> ``head.fc.*``, ``head_dist.*`` -> ``head.fc_dist.*``,
+        ``fc_norm.*`` -> ``head.norm.*``. Keys already in our layout pass unchanged."""
+        out = {}
+        for k, v in state_dict.items():
+            if k in ("head.weight", "head.bias"):
+                k = "head.fc." + k.split(".")[1]
+            elif k.startswith("head_dist."):
+                k = "head.fc_dist." + k[len("head_dist."):]
+            elif k.startswith("fc_norm."):
+                k = "head.norm." + k[len("fc_norm."):]
+            out[k] = v
+        return out
+
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resample a checkpoint's position table made for another (square) grid to this model's grid."""
         pos = state_dict.get("pos_embed")
