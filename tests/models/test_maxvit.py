@@ -95,6 +95,16 @@ def test_padded_model_trains_and_runs_on_meta():
         assert meta(torch.randn(1, 3, 96, 64)).shape == (1, 10)
 
 
+def test_padded_model_traces_with_fx_at_any_size():
+    torch.manual_seed(0)
+    model = visionzoo.create_model("maxvit_test", num_classes=10, **WINDOW3).eval()
+    gm = torch.fx.symbolic_trace(model)  # padding and key masks are leaf calls: they run on the real sizes
+    for size in [(64, 64), (96, 64)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_checkpoint_of_another_window_is_resampled(tmp_path):
     torch.manual_seed(0)
     small = visionzoo.create_model("maxvit_test", num_classes=10)  # 64 px: window 2, 3x3 tables
