@@ -8,11 +8,22 @@ import torch
 from safetensors.torch import load_file
 
 import visionzoo
-from visionzoo.models.rmt import decay_1d, manhattan_decay
+from visionzoo.models.rmt import RMT, decay_1d, manhattan_decay
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 torch.set_num_threads(1)
+
+
+class Features(torch.nn.Module):
+    """``model.forward_features`` as a module, for torch.fx (the head is the generic tests' business)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
 
 
 def test_manhattan_decay_matches_direct_computation():
@@ -54,10 +65,10 @@ def test_tables_per_size_decomposed_and_whole(tiny_model):
 
 def test_fx_graph_builds_tables_for_each_input_size(tiny_model):
     model = tiny_model("rmt_test")
-    gm = torch.fx.symbolic_trace(model)  # the tables are one leaf call per stage, run on the real sizes
+    gm = torch.fx.symbolic_trace(Features(model))  # the tables are one leaf call per stage, run on the real sizes
     x = torch.randn(1, 3, 96, 64)  # the generic export test runs 64 x 64
     with torch.no_grad():
-        torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gm(x), model.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
 def test_official_layout_translates_to_stages():
@@ -65,8 +76,8 @@ def test_official_layout_translates_to_stages():
     for k in ("layers.0.Relpos.decay", "layers.0.downsample.reduction.weight", "layers.2.blocks.0.gamma_1",
               "proj.weight", "head.weight"):
         assert k in official, k
-    ours = visionzoo.models.rmt.RMT.remap(official)
-    assert visionzoo.models.rmt.RMT.remap(ours).keys() == ours.keys()  # idempotent
+    ours = RMT.remap(official)
+    assert RMT.remap(ours).keys() == ours.keys()  # idempotent
     assert ours["stages.1.downsample.reduction.weight"] is official["layers.0.downsample.reduction.weight"]
     assert ours["stages.0.relpos.decay"] is official["layers.0.Relpos.decay"]
     assert ours["proj.weight"].shape == (*official["proj.weight"].shape, 1, 1)
