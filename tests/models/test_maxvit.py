@@ -10,6 +10,17 @@ from visionzoo.models.maxvit import MaxViTPartitionAttention, MaxViTRelPosBias, 
 
 torch.set_num_threads(1)
 
+
+class Features(torch.nn.Module):
+    """``model.forward_features`` as a module, for torch.fx (the head is the generic tests' business)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
 WINDOW3 = dict(window_size=3, grid_size=3)  # maxvit_test at 64 px has maps 16, 8, 4, 2: every stage is padded
 
 
@@ -93,6 +104,16 @@ def test_padded_model_trains_and_runs_on_meta():
     with torch.device("meta"):  # the key masks are built on the input's device (profile() counts on meta)
         meta = visionzoo.create_model("maxvit_test", num_classes=10, **WINDOW3).eval()
         assert meta(torch.randn(1, 3, 96, 64)).shape == (1, 10)
+
+
+def test_padded_model_traces_with_fx_at_any_size():
+    torch.manual_seed(0)
+    model = visionzoo.create_model("maxvit_test", num_classes=10, **WINDOW3).eval()
+    gm = torch.fx.symbolic_trace(Features(model))  # padding and key masks are leaf calls, run on the real sizes
+    for size in [(64, 64), (96, 64)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoint_of_another_window_is_resampled(tmp_path):

@@ -1,4 +1,5 @@
-"""ResNet-specific checks: BN folding, the torchvision/timm key layout, zero-init of residual branches."""
+"""ResNet-specific checks: BN folding, the torchvision/timm key layout (classifier at head.fc), zero-init of residual
+branches."""
 from __future__ import annotations
 
 import pytest
@@ -49,11 +50,23 @@ def test_key_layout_matches_torchvision_resnet50():
         sd = create_model("resnet50").state_dict()
     expected = {"conv1.weight", "bn1.running_var", "layer1.0.conv3.weight", "layer1.0.bn3.num_batches_tracked",
                 "layer1.0.downsample.0.weight", "layer1.0.downsample.1.bias", "layer3.5.conv2.weight",
-                "layer4.2.bn3.weight", "fc.weight", "fc.bias"}
+                "layer4.2.bn3.weight", "head.fc.weight", "head.fc.bias"}
     assert expected <= set(sd)
     assert "layer1.1.downsample.0.weight" not in sd
     assert len(sd) == 320  # torchvision's resnet50 state_dict has 320 entries (161 params + 159 BN buffers)
     assert sd["layer2.0.conv2.weight"].shape == (128, 128, 3, 3)  # stride-2 3x3 conv (v1.5)
+
+
+def test_torchvision_checkpoint_loads_through_remap():
+    model = create_model("resnet_test", num_classes=10).eval()
+    theirs = {("fc." + k[len("head.fc."):] if k.startswith("head.fc.") else k): v
+              for k, v in model.state_dict().items()}  # torchvision / timm name the classifier fc
+    assert "fc.weight" in theirs and "head.fc.weight" not in theirs
+    assert model.remap(model.remap(theirs)).keys() == model.state_dict().keys()  # idempotent
+    other = create_model("resnet_test", num_classes=10, checkpoint_path=theirs).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
 
 
 def test_basic_stage1_has_no_projection():

@@ -1,12 +1,29 @@
-"""RMT specifics: Manhattan decay masks vs a direct computation, per-size tables, official layout, fuse of the head."""
+"""RMT specifics: Manhattan decay masks vs a direct computation, per-size tables (eager cache, FX), the official layout
+translated by remap, fuse of the projection."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
 import visionzoo
-from visionzoo.models.rmt import decay_1d, manhattan_decay
+from visionzoo.models.rmt import RMT, decay_1d, manhattan_decay
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 torch.set_num_threads(1)
+
+
+class Features(torch.nn.Module):
+    """``model.forward_features`` as a module, for torch.fx (the head is the generic tests' business)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
 
 
 def test_manhattan_decay_matches_direct_computation():
@@ -25,7 +42,7 @@ def test_manhattan_decay_matches_direct_computation():
 
 
 def test_decay_per_head_follows_gamma_schedule(tiny_model):
-    relpos = tiny_model("rmt_test").layers[3].Relpos
+    relpos = tiny_model("rmt_test").stages[3].relpos
     heads, init, rng = 8, 2.0, 6.0  # rmt_test stage 3: 8 heads, init_value 2, heads_range 6
     want = torch.tensor([torch.log(torch.tensor(1 - 2 ** (-init - rng * h / heads))).item() for h in range(heads)])
     assert torch.allclose(relpos.decay, want)
@@ -37,35 +54,53 @@ def test_tables_per_size_decomposed_and_whole(tiny_model):
     with torch.no_grad():
         feats = model.forward_intermediates(torch.randn(1, 3, 96, 64))
     assert [tuple(f.shape[1:]) for f in feats] == [(16, 24, 16), (32, 12, 8), (64, 6, 4), (128, 3, 2)]
-    early = model.layers[0].Relpos(24, 16, True)
+    early = model.stages[0].relpos(torch.zeros(1, 24, 16, 16))
     assert early.sin.shape == (24, 16, 16) and [m.shape for m in early.masks] == [(1, 24, 24), (1, 16, 16)]
-    late = model.layers[2].Relpos(6, 4, False)
+    late = model.stages[2].relpos(torch.zeros(1, 6, 4, 64))
     assert [m.shape for m in late.masks] == [(4, 24, 24)]
-    assert model.layers[2].Relpos(6, 4, False) is late  # cached per size
+    assert model.stages[2].relpos(torch.zeros(2, 6, 4, 64)) is late  # cached per size
+    wide = model.stages[2].relpos(torch.zeros(1, 6, 4, 64, dtype=torch.float64))
+    assert wide.masks[0].dtype == torch.float64 and torch.equal(wide.masks[0].float(), late.masks[0])
 
 
-def test_official_layout_and_buffers(tiny_model):
-    sd = tiny_model("rmt_test").state_dict()
-    for k in ("patch_embed.proj.0.weight", "patch_embed.proj.10.running_var", "layers.0.Relpos.decay",
-              "layers.0.Relpos.angle", "layers.0.downsample.reduction.weight", "layers.2.blocks.0.gamma_1",
-              "layers.0.blocks.0.retention.lepe.conv.weight", "layers.0.blocks.0.ffn.dwconv.conv.weight",
-              "proj.weight", "norm.running_mean", "head.weight"):
-        assert k in sd, k
-    assert "layers.3.downsample.reduction.weight" not in sd and "layers.0.blocks.0.gamma_1" not in sd
+def test_fx_graph_builds_tables_for_each_input_size(tiny_model):
+    model = tiny_model("rmt_test")
+    gm = torch.fx.symbolic_trace(Features(model))  # the tables are one leaf call per stage, run on the real sizes
+    x = torch.randn(1, 3, 96, 64)  # the generic export test runs 64 x 64
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+def test_official_layout_translates_to_stages():
+    official = load_file(str(FIXTURES / "rmt_official.safetensors"))
+    for k in ("layers.0.Relpos.decay", "layers.0.downsample.reduction.weight", "layers.2.blocks.0.gamma_1",
+              "proj.weight", "head.weight"):
+        assert k in official, k
+    ours = RMT.remap(official)
+    assert RMT.remap(ours).keys() == ours.keys()  # idempotent
+    assert ours["stages.1.downsample.reduction.weight"] is official["layers.0.downsample.reduction.weight"]
+    assert ours["stages.0.relpos.decay"] is official["layers.0.Relpos.decay"]
+    assert ours["proj.weight"].shape == (*official["proj.weight"].shape, 1, 1)
+    assert "head.fc.weight" in ours and not any(k.startswith("layers.") for k in ours)
+    model = visionzoo.create_model("rmt_test", num_classes=10, dims=(8, 16, 24, 32), depths=(2, 1, 1, 1),
+                                   num_heads=(1, 2, 3, 4), heads_ranges=(1, 2, 3, 4), projection=64)
+    assert ours.keys() == model.state_dict().keys()
+    assert "stages.0.downsample.reduction.weight" not in ours and "stages.0.blocks.0.gamma_1" not in ours
 
 
 def test_loading_new_constants_rebuilds_tables(tiny_model):
     model = tiny_model("rmt_test")
-    relpos = model.layers[0].Relpos
-    before = relpos(4, 4, True)
+    relpos = model.stages[0].relpos
+    x = torch.zeros(1, 4, 4, 16)
+    before = relpos(x)
     sd = model.state_dict()
-    sd["layers.0.Relpos.decay"] = sd["layers.0.Relpos.decay"] * 2
+    sd["stages.0.relpos.decay"] = sd["stages.0.relpos.decay"] * 2
     model.load_state_dict(sd)
-    after = relpos(4, 4, True)
+    after = relpos(x)
     assert torch.allclose(after.masks[0], before.masks[0] * 2)
 
 
-def test_fuse_folds_head_batchnorm_into_proj():
+def test_fuse_folds_projection_batchnorm():
     model = visionzoo.create_model("rmt_test", num_classes=5).eval()
     with torch.no_grad():
         model.norm.running_mean.uniform_(-1, 1)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from visionzoo.backbone import Backbone, FeatureInfo
 from visionzoo.layers import (
     Attention,
+    AttentionCore,
     DropPath,
     LayerType,
     Mlp,
@@ -33,6 +34,8 @@ from visionzoo.layers import (
     fold_bn_into_conv,
     get_act,
     is_meta,
+    is_tracing,
+    trace_leaf,
     window_partition,
     window_reverse,
 )
@@ -44,6 +47,7 @@ BN_EPS = 1e-3  # TF's BatchNorm epsilon, which the ported weights were trained w
 LN_EPS = 1e-5
 
 
+@trace_leaf
 def pad_same(x: Tensor, kernel: int, stride: int) -> Tensor:
     """Zero-pad an NCHW map like TensorFlow's "SAME" for a ``kernel`` / ``stride`` conv (the extra pixel goes last)."""
     pads = []
@@ -57,7 +61,7 @@ def grid_partition(x: Tensor, grid: tuple[int, int]) -> Tensor:
     """``(B, H, W, C)`` -> ``(B * H/gh * W/gw, gh * gw, C)``: each group is a gh x gw grid strided over the map."""
     B, H, W, C = x.shape
     gh, gw = grid
-    x = x.view(B, gh, H // gh, gw, W // gw, C).permute(0, 2, 4, 1, 3, 5)  # -> (B, H/gh, W/gw, gh, gw, C)
+    x = x.reshape(B, gh, H // gh, gw, W // gw, C).permute(0, 2, 4, 1, 3, 5)  # -> (B, H/gh, W/gw, gh, gw, C)
     return x.reshape(-1, gh * gw, C)
 
 
@@ -65,7 +69,7 @@ def grid_reverse(x: Tensor, grid: tuple[int, int], H: int, W: int) -> Tensor:
     """``(B * H/gh * W/gw, gh * gw, C)`` -> ``(B, H, W, C)``."""
     gh, gw = grid
     C = x.shape[-1]
-    x = x.view(-1, H // gh, W // gw, gh, gw, C).permute(0, 3, 1, 4, 2, 5)  # -> (B, gh, H/gh, gw, W/gw, C)
+    x = x.reshape(-1, H // gh, W // gw, gh, gw, C).permute(0, 3, 1, 4, 2, 5)  # -> (B, gh, H/gh, gw, W/gw, C)
     return x.reshape(-1, H, W, C)
 
 
@@ -76,6 +80,41 @@ def block_partition(x: Tensor, window: tuple[int, int]) -> Tensor:
 
 def block_reverse(x: Tensor, window: tuple[int, int], H: int, W: int) -> Tensor:
     return window_reverse(x.unflatten(1, window), window, H, W)  # (B * nW, N, C) -> (B, H, W, C)
+
+
+PARTITIONS = {"block": (block_partition, block_reverse), "grid": (grid_partition, grid_reverse)}
+
+
+@trace_leaf
+def pad_to_multiple(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Zero-pad an NHWC map on the bottom and right to a multiple of ``size``; ``x`` itself when it is one."""
+    pad_h, pad_w = -x.shape[1] % size[0], -x.shape[2] % size[1]
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x  # (B, H, W, C) -> (B, Hp, Wp, C)
+
+
+@trace_leaf
+def partition_key_mask(x: Tensor, padded: Tensor, partition: str, size: tuple[int, int]) -> Tensor | None:
+    """``(nW, 1, 1, N)``, additive: 0 for the real tokens of ``x``, -inf for the padding of ``padded``, grouped like
+    the partition (``"block"`` or ``"grid"``); ``None`` when nothing was padded. Follows the input's dtype/device."""
+    (H, W), (Hp, Wp) = x.shape[1:3], padded.shape[1:3]
+    if (H, W) == (Hp, Wp):
+        return None
+    valid = torch.zeros(1, Hp, Wp, 1, device=x.device, dtype=x.dtype)
+    valid[:, :H, :W] = 1.0
+    valid = PARTITIONS[partition][0](valid, size)[..., 0]  # (1, Hp, Wp, 1) -> (nW, N)
+    mask = torch.zeros_like(valid).masked_fill(valid == 0, float("-inf"))
+    return mask[:, None, None, :]
+
+
+@trace_leaf
+def masked_bias(bias: Tensor, key_mask: Tensor | None, windows: int) -> Tensor:
+    """The position bias ``(1, heads, N, N)`` plus a per-window key mask ``(nW, 1, 1, N)`` for all ``windows``
+    (batch x nW) partitions: ``(windows, heads, N, N)``; the bias as it is without a mask."""
+    if key_mask is None:
+        return bias
+    nW, N = key_mask.shape[0], bias.shape[-1]
+    mask = (bias + key_mask).expand(windows // nW, -1, -1, -1, -1)  # (B, nW, heads, N, N)
+    return mask.reshape(-1, bias.shape[1], N, N)  # -> (B * nW, heads, N, N)
 
 
 class MaxViTStem(nn.Module):
@@ -124,7 +163,7 @@ class MaxViTDownsample(nn.Module):
 class MaxViTMBConv(nn.Module):
     """Pre-norm inverted bottleneck: BN, 1x1 expand, BN/GELU, 3x3 depthwise (strided), BN/GELU, SE, 1x1 project."""
 
-    fuse_pairs = (("conv1_1x1", "norm1"), ("conv2_kxk", "norm2"))
+    fuse_pairs = (("conv1_1x1", "norm1"), ("conv2_kxk", "norm2"))  # folded by Backbone.fuse before fuse() below
 
     def __init__(self, dim: int, out_dim: int, stride: int = 1, expand_ratio: float = 4.0, se_ratio: float = 0.25,
                  drop_path: float = 0.0, act_layer: LayerType = "gelu_tanh") -> None:
@@ -149,7 +188,7 @@ class MaxViTMBConv(nn.Module):
         self.conv3_1x1 = nn.Conv2d(mid, out_dim, 1)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def fold_pre_norm(self) -> None:
+    def fuse(self) -> None:
         """Fold the pre-norm BN into the 1x1 expansion conv that follows it (exact: a 1x1 conv has no padding)."""
         if isinstance(self.pre_norm, nn.BatchNorm2d):
             self.conv1_1x1 = fold_bn_into_conv(self.pre_norm, self.conv1_1x1)
@@ -184,22 +223,32 @@ class MaxViTRelPosBias(nn.Module):
         return bias.view(1, -1, N, N)  # -> (1, heads, N, N)
 
 
+class MaxViTAttentionCore(AttentionCore):
+    """``AttentionCore`` whose output is contiguous in traced graphs (see the note in ``forward``)."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, **kw) -> Tensor:
+        x = super().forward(q, k, v, bias, **kw)
+        # NOTE: torch 2.13's ONNX exporter decomposes the graph with SDPA's CPU flash kernel, whose output is laid
+        # out as (B, N, heads, d), and turns the caller's transpose + reshape into a view; later passes run SDPA's
+        # math kernel (a bias computed from a parameter requires grad), whose output is (B, heads, N, d), and that
+        # view fails. A copy in traced graphs only makes the layout the same for every kernel; eager is unchanged.
+        return x.clone(memory_format=torch.contiguous_format) if is_tracing() else x
+
+
 class MaxViTAttention(Attention):
     """Multi-head attention inside each window (or grid group), plus the relative position bias and a key mask."""
 
     def __init__(self, dim: int, window: tuple[int, int], dim_head: int = 32, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
         super().__init__(dim, dim // dim_head, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.window = window
+        self.core = MaxViTAttentionCore()
         self.rel_pos = MaxViTRelPosBias(window, self.num_heads)
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """``x``: ``(B * nW, N, C)``; ``key_mask``: ``(nW, 1, 1, N)``, additive, -inf on padded tokens, or None."""
-        bias = self.rel_pos()
-        if key_mask is None:
-            return super().forward(x, attn_mask=bias)
-        nW, N = key_mask.shape[0], x.shape[1]
-        mask = (bias + key_mask).expand(x.shape[0] // nW, -1, -1, -1, -1)  # (B, nW, heads, N, N)
-        return super().forward(x, attn_mask=mask.reshape(-1, self.num_heads, N, N))
+        bias = masked_bias(self.rel_pos(), key_mask, x.shape[0])
+        return super().forward(x, attn_mask=bias, grid=self.window)  # queries: a window (grid group) of wh x ww
 
 
 class MaxViTPartitionAttention(nn.Module):
@@ -209,10 +258,10 @@ class MaxViTPartitionAttention(nn.Module):
                  attn_drop: float = 0.0, proj_drop: float = 0.0, drop_path: float = 0.0,
                  act_layer: LayerType = "gelu_tanh") -> None:
         super().__init__()
-        assert partition in ("block", "grid"), partition
+        assert partition in PARTITIONS, partition
         self.size = size
-        self.partition = block_partition if partition == "block" else grid_partition
-        self.reverse = block_reverse if partition == "block" else grid_reverse
+        self.kind = partition
+        self.partition, self.reverse = PARTITIONS[partition]
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = MaxViTAttention(dim, size, dim_head, attn_drop, proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -220,24 +269,12 @@ class MaxViTPartitionAttention(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def key_mask(self, H: int, W: int, Hp: int, Wp: int, like: Tensor) -> Tensor:
-        """``(nW, 1, 1, N)``: 0 for real tokens, -inf for the padding, grouped like the partition."""
-        valid = torch.zeros(1, Hp, Wp, 1, device=like.device, dtype=like.dtype)
-        valid[:, :H, :W] = 1.0
-        valid = self.partition(valid, self.size)[..., 0]  # (1, Hp, Wp, 1) -> (nW, N)
-        mask = torch.zeros_like(valid).masked_fill(valid == 0, float("-inf"))
-        return mask[:, None, None, :]
-
     def attend(self, x: Tensor) -> Tensor:
-        _, H, W, _ = x.shape
-        ph, pw = self.size
-        pad_h, pad_w = -H % ph, -W % pw
-        if not (pad_h or pad_w):
-            return self.reverse(self.attn(self.partition(x, self.size)), self.size, H, W)
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, H, W, C) -> (B, Hp, Wp, C)
-        Hp, Wp = H + pad_h, W + pad_w
-        x = self.attn(self.partition(x, self.size), self.key_mask(H, W, Hp, Wp, x))
-        return self.reverse(x, self.size, Hp, Wp)[:, :H, :W]
+        H, W = x.shape[1], x.shape[2]
+        padded = pad_to_multiple(x, self.size)  # (B, H, W, C) -> (B, Hp, Wp, C); x itself when H, W fit
+        key_mask = partition_key_mask(x, padded, self.kind, self.size)  # None when nothing was padded
+        x = self.attn(self.partition(padded, self.size), key_mask)  # (B * nW, N, C)
+        return self.reverse(x, self.size, padded.shape[1], padded.shape[2])[:, :H, :W]  # -> (B, H, W, C)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path1(self.attend(self.norm1(x)))
@@ -277,29 +314,6 @@ class MaxViTStage(nn.Module):
         return self.blocks(x)
 
 
-class MaxViTHead(nn.Module):
-    """Global average pool, LayerNorm, Linear + tanh (pre-logits), dropout, Linear (timm's NormMlpClassifierHead)."""
-
-    def __init__(self, in_features: int, hidden_size: int, num_classes: int, drop_rate: float = 0.0) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.norm = nn.LayerNorm(in_features, eps=LN_EPS)
-        self.pre_logits = nn.Sequential()
-        self.pre_logits.add_module("fc", nn.Linear(in_features, hidden_size))
-        self.pre_logits.add_module("act", nn.Tanh())
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-
-    def reset(self, num_classes: int) -> None:
-        w = self.norm.weight
-        self.fc = nn.Linear(self.hidden_size, num_classes, device=w.device, dtype=w.dtype) if num_classes > 0 \
-            else nn.Identity()
-
-    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.drop(self.pre_logits(self.norm(x.mean((2, 3)))))  # (B, C, H, W) -> (B, hidden)
-        return x if pre_logits else self.fc(x)
-
-
 class MaxViT(Backbone):
     """MaxViT: a stride-2 conv stem, then four stages of MBConv + block attention + grid attention blocks.
 
@@ -314,6 +328,7 @@ class MaxViT(Backbone):
     """
 
     kind = "hybrid"
+    has_attention = True
     takes_img_size = True
     cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     min_input_size = 32
@@ -353,18 +368,14 @@ class MaxViT(Backbone):
             in_dim = dim
         self.stages = nn.Sequential(*stages)
         self.set_feature_info(infos)
-        self.num_features = dims[-1]
-        self.head_hidden_size = head_hidden_size or dims[-1]
-        self.num_classes = num_classes
-        self.head = MaxViTHead(dims[-1], self.head_hidden_size, num_classes, drop_rate)
+        # timm's NormMlpClassifierHead: average pool, LayerNorm, Linear + tanh (pre-logits), dropout, Linear
+        hidden = head_hidden_size or dims[-1]
+        pre_logits = nn.Sequential()
+        pre_logits.add_module("fc", nn.Linear(dims[-1], hidden))
+        pre_logits.add_module("act", nn.Tanh())
+        self.init_head(dims[-1], num_classes, drop_rate, norm_layer=nn.LayerNorm, pre_logits=pre_logits,
+                       hidden_size=hidden)  # nn.LayerNorm: eps = LN_EPS
         self.apply(_init_weights)
-
-    def fuse(self) -> MaxViT:
-        """Fold every BatchNorm: MBConv pre-norms into the 1x1 convs after them, the others into the convs before."""
-        for m in self.modules():
-            if isinstance(m, MaxViTMBConv):
-                m.fold_pre_norm()
-        return super().fuse()
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resample relative position tables made for another window (grid) size, bilinearly."""

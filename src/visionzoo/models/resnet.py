@@ -3,7 +3,8 @@
 Differs from the paper: the stride-2 of a downsampling bottleneck sits in its 3x3 conv, not its first 1x1 conv
 ("ResNet v1.5", as torchvision and timm build it), and the last BatchNorm of every residual branch starts at zero.
 Follows torchvision / timm ``resnet.py`` (BSD-3-Clause / Apache-2.0); the state-dict layout is theirs (``conv1``,
-``bn1``, ``layer1``..``layer4``, ``fc``), so torchvision and timm checkpoints load with no remap.
+``bn1``, ``layer1``..``layer4``) except the classifier, which is ``head.fc`` like every family's (``ResNet.remap``
+renames their ``fc.*``).
 """
 from __future__ import annotations
 
@@ -113,7 +114,6 @@ class ResNet(Backbone):
     cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     cpu_channels_last_min_batch = 2  # resnet50, 2 cores: NHWC/NCHW 0.97 at batch 1, 1.07 at 2, 1.19 at 8
     first_conv = "conv1"
-    classifier = "fc"
     fuse_pairs = (("conv1", "bn1"),)
 
     def __init__(self, depths: tuple[int, ...] = (3, 4, 6, 3), dims: tuple[int, ...] = (256, 512, 1024, 2048),
@@ -148,7 +148,7 @@ class ResNet(Backbone):
         self.num_stages = len(depths)
         self.set_feature_info(infos)
 
-        self.init_linear_head(dims[-1], num_classes, drop_rate)
+        self.init_head(dims[-1], num_classes, drop_rate)
         self.apply(_init_weights)
 
     def forward_stem(self, x: Tensor) -> Tensor:
@@ -156,6 +156,11 @@ class ResNet(Backbone):
 
     def stage_modules(self) -> list[nn.Module]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """torchvision / timm keys -> ours: only the classifier moves, ``fc.*`` -> ``head.fc.*`` (idempotent)."""
+        return {f"head.{k}" if k.startswith("fc.") else k: v for k, v in state_dict.items()}
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -2,33 +2,38 @@
 https://arxiv.org/abs/2309.11523
 
 Differs from the paper: none. Follows the official qhfan/RMT ``classfication_release/RMT.py`` (the repository has no
-licence file) and keeps its state-dict keys (``patch_embed.proj``, ``layers.i.Relpos``, ``layers.i.blocks``,
-``layers.i.downsample``, ``proj``, ``norm``, ``head``), so its checkpoints load as they are; the per-head
-``Relpos.angle`` / ``Relpos.decay`` constants stay persistent buffers, as there. The official factories
-``RMT_T3``, ``RMT_S``, ``RMT_M2`` and ``RMT_L6`` are ``rmt_tiny``, ``rmt_small``, ``rmt_base`` and ``rmt_large``
-(README RMT-T/S/B/L).
-The token-labelling models (README RMT-S*/B*/L*, with an extra dense ``aux_head``) are not included. The official
-``chunkwise_recurrents`` are ``decomposed`` here, and the attention runs through ``F.scaled_dot_product_attention``
-with the spatial decay as its additive mask (the official code writes the matmuls out; same MACs).
+licence file). The official factories ``RMT_T3``, ``RMT_S``, ``RMT_M2`` and ``RMT_L6`` are ``rmt_tiny``,
+``rmt_small``, ``rmt_base`` and ``rmt_large`` (README RMT-T/S/B/L). The token-labelling models (README RMT-S*/B*/L*,
+with an extra dense ``aux_head``) are not included. The official ``chunkwise_recurrents`` are ``decomposed`` here, and
+the attention runs through ``AttentionCore`` (SDPA) with the spatial decay as its additive bias (the official code
+writes the matmuls out; same MACs).
 
 Manhattan self-attention (MaSA): softmax attention over rotary-shifted queries and keys whose logits get
 ``|dh| + |dw|`` times a per-head ``log(gamma)``; in the decomposed form (early stages) attention runs along each row
 with a 1-D decay, then along each column. The decay masks and rotary tables depend only on the map size: they are
-computed for each input size on first use and cached per (size, device, dtype), never stored in the state dict, so
-any input that is a multiple of 32 works. Downsampling sits at the end of stage i in the official layout
-(``layers.i.downsample``); features are taken before it, so ``features_only`` gives strides 4/8/16/32.
+built for each input size (in eager, on first use and cached per size, device and dtype), never stored in the state
+dict, so any input that is a multiple of 32 works.
+
+Layout: the official code ends stage i with the downsampling to stage i + 1 (``layers.i.downsample``) and takes no
+features; here stage i starts with it (``stages.i.downsample``), so stage outputs are the features at strides
+4/8/16/32. The head's projection (Linear to ``projection`` channels, BatchNorm, SiLU, before the average pool) is part
+of the official ``forward_features``, and is here too: ``forward_norm`` runs it (a 1x1 conv, so that ``fuse`` folds
+the BatchNorm into it), so ``num_features`` is ``projection`` and the head is a plain pool + Linear. ``RMT.remap``
+translates official checkpoints: ``layers.i.blocks`` -> ``stages.i.blocks``, ``layers.i.Relpos`` ->
+``stages.i.relpos`` (the per-head ``angle`` / ``decay`` constants stay persistent buffers, as there),
+``layers.i.downsample`` -> ``stages.{i+1}.downsample``, ``proj.weight`` (C', C) -> (C', C, 1, 1), ``head`` ->
+``head.fc``.
 """
 from __future__ import annotations
 
-from functools import partial
+import re
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo
-from visionzoo.layers import DropPath, LayerNorm, drop_path_rates, init_linear
+from visionzoo.layers import AttentionCore, DropPath, LayerNorm, drop_path_rates, init_linear, is_tracing, trace_leaf
 from visionzoo.registry import Paper, Variant, register_family
 
 __all__ = ["RMT", "manhattan_decay", "decay_1d"]
@@ -61,33 +66,44 @@ class RetentionTables(NamedTuple):
     masks: tuple[Tensor, ...]  # (mask_h (heads, H, H), mask_w (heads, W, W)) or (mask (heads, N, N),)
 
 
+@trace_leaf
+def retention_tables(x: Tensor, angle: Tensor, decay: Tensor, decomposed: bool) -> RetentionTables:
+    """The tables for the ``(B, H, W, C)`` map ``x``, in its dtype and on its device (computed in float32, or float64
+    for a float64 map, from the per-head ``angle`` and ``decay`` constants)."""
+    H, W = x.shape[1], x.shape[2]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    angle, decay = angle.to(x.device, work), decay.to(x.device, work)
+    pos = torch.arange(H * W, device=x.device, dtype=work)  # rotary position: the row-major index of the token
+    phase = pos[:, None] * angle[None, :]  # (N, d)
+    sin, cos = phase.sin().reshape(H, W, -1), phase.cos().reshape(H, W, -1)  # (N, d) -> (H, W, d)
+    masks = (decay_1d(H, decay), decay_1d(W, decay)) if decomposed else (manhattan_decay(H, W, decay),)
+    return RetentionTables(sin.to(x.dtype), cos.to(x.dtype), tuple(m.to(x.dtype) for m in masks))
+
+
 class RMTRelPos(nn.Module):
     """Per-head spatial decay ``log(1 - 2**(-init - range * h / heads))`` and rotary angles; builds the tables."""
 
-    def __init__(self, dim: int, num_heads: int, init_value: float, heads_range: float) -> None:
+    def __init__(self, dim: int, num_heads: int, init_value: float, heads_range: float, decomposed: bool) -> None:
         super().__init__()
+        self.decomposed = decomposed
         angle = 1.0 / (10000 ** torch.linspace(0, 1, dim // num_heads // 2))
         self.register_buffer("angle", angle.repeat_interleave(2))  # each frequency for a channel pair
         h = torch.arange(num_heads, dtype=torch.float)
         self.register_buffer("decay", torch.log(1 - 2 ** (-init_value - heads_range * h / num_heads)))
-        self._tables: dict[tuple, RetentionTables] = {}  # by (H, W, decomposed, device, dtype); not state
+        self._tables: dict[tuple, RetentionTables] = {}  # eager cache by (H, W, device, dtype); not state
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self._tables.clear()  # new constants: rebuild the tables
         super()._load_from_state_dict(*args, **kwargs)
 
-    def forward(self, H: int, W: int, decomposed: bool) -> RetentionTables:
-        key = (H, W, decomposed, self.decay.device, self.decay.dtype)
+    def forward(self, x: Tensor) -> RetentionTables:
+        """The tables for the ``(B, H, W, C)`` map ``x``: built in the graph while tracing, cached in eager."""
+        if is_tracing():
+            return retention_tables(x, self.angle, self.decay, self.decomposed)
+        key = (x.shape[1], x.shape[2], x.device, x.dtype)
         if key not in self._tables:
             with torch.inference_mode(False), torch.no_grad():  # tables made under inference_mode serve training
-                pos = torch.arange(H * W).to(self.decay)  # rotary position: the row-major index of the token
-                phase = pos[:, None] * self.angle[None, :]  # (N, d)
-                sin, cos = phase.sin().reshape(H, W, -1), phase.cos().reshape(H, W, -1)
-                if decomposed:
-                    masks = (decay_1d(H, self.decay), decay_1d(W, self.decay))
-                else:
-                    masks = (manhattan_decay(H, W, self.decay),)
-                self._tables[key] = RetentionTables(sin, cos, masks)
+                self._tables[key] = retention_tables(x, self.angle, self.decay, self.decomposed)
         return self._tables[key]
 
 
@@ -118,6 +134,7 @@ class ManhattanSelfAttention(nn.Module):
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.lepe = RMTDWConv(dim, 5)
+        self.core = AttentionCore()
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, tables: RetentionTables) -> Tensor:
@@ -125,27 +142,26 @@ class ManhattanSelfAttention(nn.Module):
         n, d = self.num_heads, self.head_dim
         v = self.v_proj(x)
         lepe = self.lepe(v)
-        q = self.q_proj(x).view(B, H, W, n, d).permute(0, 3, 1, 2, 4)  # (B, H, W, C) -> (B, n, H, W, d)
-        k = self.k_proj(x).view(B, H, W, n, d).permute(0, 3, 1, 2, 4)
+        q = self.q_proj(x).reshape(B, H, W, n, d).permute(0, 3, 1, 2, 4)  # (B, H, W, C) -> (B, n, H, W, d)
+        k = self.k_proj(x).reshape(B, H, W, n, d).permute(0, 3, 1, 2, 4)
         q = q * tables.cos + rotate_pairs(q) * tables.sin
         k = k * tables.cos + rotate_pairs(k) * tables.sin
-        v = v.view(B, H, W, n, d)
+        v = v.reshape(B, H, W, n, d)
         if self.decomposed:
-            mask_h, mask_w = tables.masks
+            mask_h, mask_w = tables.masks[0], tables.masks[1]  # (n, H, H), (n, W, W)
             # along each row: (B, n, H, W, d) -> (B * H, n, W, d)
             q_r, k_r = (t.transpose(1, 2).reshape(B * H, n, W, d) for t in (q, k))
             v = v.permute(0, 1, 3, 2, 4).reshape(B * H, n, W, d)  # (B, H, W, n, d) -> (B * H, n, W, d)
-            v = F.scaled_dot_product_attention(q_r, k_r, v, attn_mask=mask_w, scale=self.scale)
+            v = self.core(q_r, k_r, v, mask_w, scale=self.scale, grid=(1, W))  # a query row
             # then along each column: (B, n, H, W, d) -> (B * W, n, H, d)
             q_c, k_c = (t.permute(0, 3, 1, 2, 4).reshape(B * W, n, H, d) for t in (q, k))
-            v = v.view(B, H, n, W, d).permute(0, 3, 2, 1, 4).reshape(B * W, n, H, d)  # rows' output, by column
-            x = F.scaled_dot_product_attention(q_c, k_c, v, attn_mask=mask_h, scale=self.scale)
-            x = x.view(B, W, n, H, d).permute(0, 3, 1, 2, 4).reshape(B, H, W, C)  # -> (B, H, W, n * d)
+            v = v.reshape(B, H, n, W, d).permute(0, 3, 2, 1, 4).reshape(B * W, n, H, d)  # rows' output, by column
+            x = self.core(q_c, k_c, v, mask_h, scale=self.scale, grid=(H, 1))  # a query column
+            x = x.reshape(B, W, n, H, d).permute(0, 3, 1, 2, 4).reshape(B, H, W, C)  # -> (B, H, W, n * d)
         else:
-            (mask,) = tables.masks
             q, k = q.flatten(2, 3), k.flatten(2, 3)  # (B, n, H, W, d) -> (B, n, N, d)
             v = v.permute(0, 3, 1, 2, 4).flatten(2, 3)  # (B, H, W, n, d) -> (B, n, N, d)
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            x = self.core(q, k, v, tables.masks[0], scale=self.scale)  # the whole map
             x = x.transpose(1, 2).reshape(B, H, W, C)  # (B, n, N, d) -> (B, H, W, C)
         return self.out_proj(x + lepe)
 
@@ -207,23 +223,23 @@ class RMTPatchMerging(nn.Module):
         return x.permute(0, 2, 3, 1)  # -> (B, H/2, W/2, C')
 
 
-class RMTLayer(nn.Module):
-    """One stage in the official layout: decay constants, blocks, and the downsampling that ends it (not the last)."""
+class RMTStage(nn.Module):
+    """One stage on an NHWC map: downsampling from the previous stage (not in the first), then MaSA blocks that share
+    the stage's decay constants and its tables for the map size."""
 
-    def __init__(self, dim: int, out_dim: int | None, depth: int, num_heads: int, init_value: float,
+    def __init__(self, in_dim: int | None, dim: int, depth: int, num_heads: int, init_value: float,
                  heads_range: float, hidden_dim: int, decomposed: bool, drop_path: list[float], layerscale: bool,
                  ls_init: float, proj_drop: float) -> None:
         super().__init__()
-        self.decomposed = decomposed
-        self.Relpos = RMTRelPos(dim, num_heads, init_value, heads_range)  # noqa: N815  (the official key)
+        self.downsample = RMTPatchMerging(in_dim, dim) if in_dim is not None else nn.Identity()
+        self.relpos = RMTRelPos(dim, num_heads, init_value, heads_range, decomposed)
         self.blocks = nn.ModuleList([
             RMTBlock(dim, num_heads, hidden_dim, decomposed, drop_path[j], layerscale, ls_init, proj_drop)
             for j in range(depth)])
-        self.downsample = RMTPatchMerging(dim, out_dim) if out_dim is not None else None
 
-    def forward_blocks(self, x: Tensor) -> Tensor:
-        _, H, W, _ = x.shape
-        tables = self.Relpos(H, W, self.decomposed)
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.downsample(x)
+        tables = self.relpos(x)
         for block in self.blocks:
             x = block(x, tables)
         return x
@@ -244,33 +260,24 @@ class RMTStem(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H/4, W/4, dim)
 
 
-@torch.no_grad()
-def _fold_bn_into_linear(fc: nn.Linear, bn: nn.BatchNorm2d) -> nn.Linear:
-    """A Linear that computes ``bn(fc(x))`` in eval mode, the BN acting on fc's output features."""
-    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-    fused = nn.Linear(fc.in_features, fc.out_features, device=fc.weight.device, dtype=fc.weight.dtype)
-    fused.weight.copy_(fc.weight * scale[:, None])
-    fused.bias.copy_((fc.bias - bn.running_mean) * scale + bn.bias)
-    return fused
-
-
 class RMT(Backbone):
-    """RMT: a 4-conv stem, four stages of MaSA blocks (decomposed in the early stages) with conv downsampling, and a
-    head Linear(C, projection) -> BatchNorm -> Swish -> average pool -> Linear.
+    """RMT: a 4-conv stem, four stages of MaSA blocks (decomposed in the early stages) with conv downsampling, a
+    projection to ``projection`` channels (1x1 conv, BatchNorm, Swish), then average pool and Linear.
 
     Args:
         init_values, heads_ranges: per stage, the decay of head h is ``log(1 - 2**(-init - range * h / heads))``.
         decomposed: per stage, attention along rows then columns (the official ``chunkwise_recurrents``) rather than
             over the whole map.
         layerscales, ls_init: per stage, whether blocks scale their branches by a learned vector starting at ls_init.
-        projection: width of the head's pre-pooling Linear (``head_hidden_size``).
+        projection: channels of the final projection (``num_features``).
     """
 
     kind = "vit"
+    has_attention = True
     min_input_size = 32
     input_multiple = 32
     first_conv = "patch_embed.proj.0"
-    classifier = "head"
+    fuse_pairs = (("proj", "norm"),)  # Backbone.fuse folds the projection's BatchNorm into it
 
     def __init__(self, dims: tuple[int, ...] = (64, 128, 256, 512), depths: tuple[int, ...] = (2, 2, 8, 2),
                  num_heads: tuple[int, ...] = (4, 4, 8, 16), init_values: tuple[float, ...] = (2, 2, 2, 2),
@@ -289,56 +296,55 @@ class RMT(Backbone):
         self.in_chans = in_chans
         self.patch_embed = RMTStem(in_chans, dims[0])
         dpr = drop_path_rates(drop_path_rate, tuple(depths))
-        self.layers = nn.ModuleList([
-            RMTLayer(dims[i], dims[i + 1] if i < n - 1 else None, depths[i], num_heads[i], init_values[i],
+        # NOTE: every stage is built before the next (downsampling, then blocks), which creates the parameters in
+        # the official order (blocks of stage i, then its downsampling), so a seeded init gives the same weights
+        self.stages = nn.ModuleList([
+            RMTStage(dims[i - 1] if i > 0 else None, dims[i], depths[i], num_heads[i], init_values[i],
                      heads_ranges[i], int(mlp_ratios[i] * dims[i]), decomposed[i], dpr[i], layerscales[i], ls_init,
                      proj_drop_rate) for i in range(n)])
-        self.set_feature_info([FeatureInfo(dims[i], 4 * 2**i, f"layers.{i}.blocks") for i in range(n)])
-        self.proj = nn.Linear(dims[-1], projection)
+        self.set_feature_info([FeatureInfo(dims[i], 4 * 2**i, f"stages.{i}") for i in range(n)])
+        self.proj = nn.Conv2d(dims[-1], projection, 1)  # the official Linear at every position
         self.norm = nn.BatchNorm2d(projection)
         self.swish = nn.SiLU()
-        self.init_linear_head(projection, num_classes, drop_rate)
-        self.num_features = dims[-1]  # the head widens to ``projection`` (head_hidden_size) before pooling
+        self.init_head(projection, num_classes, drop_rate)  # average pool, dropout, Linear
         self.apply(_init_weights)
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.patch_embed(x)  # (B, C, H, W) -> (B, H/4, W/4, dims[0])
 
-    def forward_stage(self, i: int, x: Tensor) -> Tensor:
-        """Stage ``i`` on an NHWC map: the previous layer's downsampling (for i > 0), then this layer's blocks."""
-        if i > 0:
-            x = self.layers[i - 1].downsample(x)
-        return self.layers[i].forward_blocks(x)
-
-    def stage_modules(self) -> list[nn.Module]:
-        # NOTE: callables rather than modules: the official layout ends stage i with its downsampling, but stage
-        # outputs (features at strides 4..32) are taken before it
-        return [partial(self.forward_stage, i) for i in range(len(self.layers))]
-
     def stage_to_nchw(self, x: Tensor) -> Tensor:
         return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
     def forward_norm(self, x: Tensor) -> Tensor:
-        return x.permute(0, 3, 1, 2)  # no final norm; (B, H, W, C) -> (B, C, H, W)
+        """The official end of ``forward_features`` before pooling: projection, BatchNorm, Swish."""
+        x = self.proj(x.permute(0, 3, 1, 2))  # (B, H, W, C) -> (B, projection, H, W)
+        return self.swish(self.norm(x))
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.proj(x.permute(0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, projection)
-        x = self.swish(self.norm(x.permute(0, 3, 1, 2)))  # BatchNorm over projection channels, NCHW
-        x = self.head_drop(x.mean((2, 3)))  # -> (B, projection)
-        return x if pre_logits else self.head(x)
-
-
-    def fuse(self) -> RMT:
-        """Fold every BatchNorm: stem and downsampling convs (base class), and the head's into ``proj``."""
-        super().fuse()
-        if isinstance(self.norm, nn.BatchNorm2d):
-            self.proj = _fold_bn_into_linear(self.proj, self.norm)
-            self.norm = nn.Identity()
-        return self
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official keys -> ours (idempotent); see the module docstring for the layout."""
+        out = {}
+        for k, v in state_dict.items():
+            m = re.match(r"layers\.(\d+)\.(blocks|Relpos|downsample)\.(.*)", k)
+            if m:
+                i, part, rest = int(m[1]), m[2], m[3]
+                if part == "downsample":  # ends stage i there, starts stage i + 1 here
+                    i += 1
+                k = f"stages.{i}.{part.lower()}.{rest}"
+            elif k == "proj.weight" and v.ndim == 2:
+                v = v[:, :, None, None]  # Linear (C', C) -> 1x1 conv (C', C, 1, 1)
+            elif k in ("head.weight", "head.bias"):
+                k = "head.fc." + k[len("head."):]
+            out[k] = v
+        return out
 
 
 def _init_weights(m: nn.Module) -> None:
     init_linear(m, std=0.02)  # LayerNorms keep (1, 0); convs keep torch's default init, as the official code
+    if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and not m.weight.is_meta:
+        # NOTE: the projection (RMT's only 1x1 conv) is the official Linear, and is initialised as one
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
 
 
 _README = "official README results table (ImageNet-1K, 224)"

@@ -10,13 +10,13 @@ multiple of 32 works with no table to resample. ``drop_rate`` is the dropout bef
 this library (the official code applies it inside the blocks instead; the released models use 0). The layer-scale
 variant (``uniformer_base_ls``) and the light models are not included.
 
-Follows image_classification/models/uniformer.py of Sense-X/UniFormer (MIT), whose state-dict keys we keep
-(``patch_embed1..4``, ``blocks1..4``, ``norm``, ``head``): timm has no UniFormer, so this is our layout too.
+Follows image_classification/models/uniformer.py of Sense-X/UniFormer (MIT). Its flat key layout (``patch_embed1..4``,
+``blocks1..4``, ``norm``, ``head``) becomes stage modules here (``stages.i.downsample``, ``stages.i.blocks``),
+``norm.bn`` and ``head.fc``; ``UniFormer.remap`` translates official checkpoints (timm has no UniFormer).
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+import re
 
 from torch import Tensor, nn
 
@@ -83,7 +83,7 @@ class UniFormerCBlock(nn.Module):
         self.norm2 = nn.BatchNorm2d(dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
 
-    def fold_norms(self) -> None:
+    def fuse(self) -> None:
         """Fold both BNs into the 1x1 convs that follow them (exact: a 1x1 conv has no padding)."""
         if isinstance(self.norm1, nn.BatchNorm2d):
             self.conv1 = fold_bn_into_conv(self.norm1, self.conv1)
@@ -120,6 +120,34 @@ class UniFormerSABlock(nn.Module):
         return x.transpose(1, 2).reshape(B, C, H, W)  # (B, N, C) -> (B, C, H, W)
 
 
+class UniFormerStage(nn.Module):
+    """A patch embedding (stride 4 for the first stage, 2 after), then the stage's blocks."""
+
+    def __init__(self, downsample: nn.Module, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class UniFormerNorm(nn.Module):
+    """The final BatchNorm; ``fuse()`` freezes it into a per-channel affine (it follows a residual sum, so there is
+    no conv to fold it into)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(dim)
+
+    def fuse(self) -> None:
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.bn = FrozenBatchNorm2d.convert(self.bn)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(x)
+
+
 class UniFormer(Backbone):
     """UniFormer: patch embedding + local (conv) blocks in stages 1-2, patch embedding + global blocks in 3-4.
 
@@ -133,7 +161,7 @@ class UniFormer(Backbone):
     cpu_channels_last = True  # oneDNN convs are faster on NHWC (see Backbone)
     min_input_size = 32
     input_multiple = 32
-    classifier = "head"
+    has_attention = True
 
     def __init__(self, depths: tuple[int, ...] = (3, 4, 8, 3), dims: tuple[int, ...] = (64, 128, 320, 512),
                  head_dim: int = 64, mlp_ratio: float = 4.0, qkv_bias: bool = True, conv_stem: bool = False,
@@ -147,10 +175,10 @@ class UniFormer(Backbone):
             raise ValueError(f"uniformer: the global-stage widths {tuple(dims[2:])} must be multiples of head_dim "
                              f"{head_dim}")
         self.in_chans = in_chans
-        self.first_conv = "patch_embed1.proj.0" if conv_stem else "patch_embed1.proj"
+        self.first_conv = "stages.0.downsample.proj.0" if conv_stem else "stages.0.downsample.proj"
         in_dims = (in_chans, *dims[:3])
         dpr = drop_path_rates(drop_path_rate, tuple(depths))
-        infos = []
+        stages, infos = [], []
         for i in range(4):
             if conv_stem:
                 embed = UniFormerConvEmbed(in_dims[i], dims[i], stem=i == 0, act_layer=act_layer)
@@ -161,39 +189,36 @@ class UniFormer(Backbone):
             else:
                 blocks = [UniFormerSABlock(dims[i], dims[i] // head_dim, mlp_ratio, qkv_bias, attn_drop_rate,
                                            dpr[i][j], act_layer) for j in range(depths[i])]
-            self.add_module(f"patch_embed{i + 1}", embed)
-            self.add_module(f"blocks{i + 1}", nn.ModuleList(blocks))
-            infos.append(FeatureInfo(dims[i], 4 * 2**i, f"blocks{i + 1}"))
+            stages.append(UniFormerStage(embed, blocks))
+            infos.append(FeatureInfo(dims[i], 4 * 2**i, f"stages.{i}"))
+        self.stages = nn.ModuleList(stages)
         self.set_feature_info(infos)
-        self.norm = nn.BatchNorm2d(dims[-1])
-        self.init_linear_head(dims[-1], num_classes, drop_rate)  # average pool, dropout, Linear at ``head``
+        self.norm = UniFormerNorm(dims[-1])
+        self.init_head(dims[-1], num_classes, drop_rate)  # average pool, dropout, Linear
         self.apply(_init_weights)
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return x  # each stage starts with its own patch embedding
 
-    def _stage(self, i: int, x: Tensor) -> Tensor:
-        x = getattr(self, f"patch_embed{i + 1}")(x)
-        for block in getattr(self, f"blocks{i + 1}"):
-            x = block(x)
-        return x
-
-    def stage_modules(self) -> list[Callable[[Tensor], Tensor]]:
-        # the stages are views over patch_embed{i} and blocks{i}, which hold the (official) state-dict keys
-        return [functools.partial(self._stage, i) for i in range(4)]
-
     def forward_norm(self, x: Tensor) -> Tensor:
         return self.norm(x)
 
-    def fuse(self) -> UniFormer:
-        """Fold every BatchNorm: local-block norms into the 1x1 convs after them, conv-embedding BNs into their convs,
-        and the final BN (after a residual sum, no conv to fold into) into an equivalent frozen per-channel affine."""
-        for m in self.modules():
-            if isinstance(m, UniFormerCBlock):
-                m.fold_norms()
-        if isinstance(self.norm, nn.BatchNorm2d):
-            self.norm = FrozenBatchNorm2d.convert(self.norm)
-        return super().fuse()
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official keys -> ours (idempotent): ``patch_embed{i}`` -> ``stages.{i-1}.downsample``, ``blocks{i}`` ->
+        ``stages.{i-1}.blocks``, ``norm.*`` -> ``norm.bn.*``, ``head.weight|bias`` -> ``head.fc.*``."""
+        out = {}
+        for k, v in state_dict.items():
+            m = re.match(r"(patch_embed|blocks)([1-4])\.(.*)", k)
+            if m:
+                part = "downsample" if m[1] == "patch_embed" else "blocks"
+                k = f"stages.{int(m[2]) - 1}.{part}.{m[3]}"
+            elif k.startswith("norm.") and not k.startswith("norm.bn."):
+                k = "norm.bn." + k[len("norm."):]
+            elif k in ("head.weight", "head.bias"):
+                k = "head.fc." + k[len("head."):]
+            out[k] = v
+        return out
 
 
 def _init_weights(m: nn.Module) -> None:
