@@ -241,7 +241,7 @@ def test_variant_without_weights_says_why_and_what_to_do(env):
 
 
 def test_unknown_tag_lists_the_tags(env):
-    with pytest.raises(NoWeightsError, match="no weights tagged 'nope'; it has fb_in1k, .*pretrained=True loads fb_in1k"):
+    with pytest.raises(NoWeightsError, match="no weights tagged 'nope'; it has fb_in1k, .*=True loads fb_in1k"):
         pretrained.get_weights("convnext_tiny", "nope")
     assert pretrained.get_weights("convnext_tiny.in12k_ft_in1k").tag == "in12k_ft_in1k"
     assert pretrained.get_weights("convnext_tiny").tag == "fb_in1k"
@@ -319,3 +319,58 @@ def test_defaults_are_the_weights_behind_the_papers_number():
         spec = pretrained.get_weights(name)
         paper = visionzoo.get_variant(name).paper.top1
         assert abs(spec.top1 - paper) < 0.7, (name, spec.tag, spec.top1, paper)
+
+
+# --- ImageNet evaluation: synset folders -> the 1000-class index --------------------------------------------
+SYNSETS = ("n01440764", "n01443537", "n15075141")  # class 0, 1 and 999
+
+
+def _imagenet_val(root, per_class=2):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for s in SYNSETS:
+        (root / s).mkdir(parents=True)
+        for i in range(per_class):
+            a = torch.randint(0, 255, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(a).save(root / s / f"ILSVRC2012_val_{s}_{i}.JPEG", format="JPEG")
+    return root
+
+
+def test_synset_folders_map_to_the_imagenet_index(tmp_path):
+    from visionzoo.train.imagenet import imagenet_synsets, load_imagenet_folder
+
+    syn = imagenet_synsets()
+    assert len(syn) == 1000 and syn[0] == "n01440764" and syn[999] == "n15075141" and list(syn) == sorted(syn)
+    ds = load_imagenet_folder(_imagenet_val(tmp_path / "val"))
+    assert ds.targets == [0, 0, 1, 1, 999, 999] and len(ds.classes) == 1000
+    (tmp_path / "bad" / "cats").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not ImageNet-1k synset ids.*cats.*n01440764"):
+        load_imagenet_folder(tmp_path / "bad")
+
+
+def test_eval_pretrained_on_an_imagenet_folder(env, tmp_path, capsys, monkeypatch):
+    """Weights that always answer class 999 score exactly the n15075141 images: the mapping is the global index."""
+    from visionzoo.cli import main
+
+    torch.manual_seed(0)
+    m = visionzoo.create_model(NAME)
+    with torch.no_grad():
+        m.head.fc.weight.zero_()
+        m.head.fc.bias.zero_()
+        m.head.fc.bias[999] = 10.0
+    dest = env / "cache" / f"{NAME}.unit" / "model.safetensors"
+    visionzoo.save(m, dest)
+    pretrained.register(_spec("http://127.0.0.1:9/never", top1_img_size=64, top1_crop_pct=1.0, input_size=64))
+    monkeypatch.setenv("VISIONZOO_OFFLINE", "1")
+    val = _imagenet_val(tmp_path / "imagenet" / "val")
+    out = tmp_path / "ev"
+    assert main(["eval", "--pretrained", f"{NAME}.unit", "--data", f"folder:{val}", "--out", str(out)]) == 0
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["count"] == 6 and res["top1"] == pytest.approx(100 * 2 / 6)
+    text = capsys.readouterr().out
+    assert "measured here: top-1 33.33%" in text and "reported for these weights: top-1 50.00%" in text
+    assert main(["eval", "--pretrained", NAME, "--data", f"folder:{val.parent}"]) == 2  # the parent: a hint
+    assert "did you mean" in capsys.readouterr().err
+    assert main(["eval", "--pretrained", NAME]) == 2  # digits is not ImageNet
+    assert "--data folder:PATH/val" in capsys.readouterr().err

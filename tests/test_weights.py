@@ -55,7 +55,10 @@ def test_pickled_code_is_refused(tmp_path, model):
         visionzoo.create_model(NAME, checkpoint_path=str(path))
     msg = str(e.value)
     # one line of ours: names the file and the fix, and never suggests weights_only=False
-    assert "\n" not in msg and "evil.pth" in msg and "would run code" in msg and "state_dict()" in msg
+    assert "\n" not in msg and "evil.pth" in msg and "could run code" in msg and "state_dict()" in msg
+    torch.save({"state_dict": model.state_dict(), "x": _Evil()}, path)  # torch's own format names the object
+    with pytest.raises(CheckpointError, match=r"holds pickled Python objects \(print\) that would run code"):
+        visionzoo.create_model(NAME, checkpoint_path=str(path))
     assert "weights_only" not in msg and len(msg) < 300
 
 

@@ -221,7 +221,10 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
     model.data_config = spec.data_config(in_chans) if spec is not None else v.data_config
     if img_size is not None:
         if hasattr(model, "check_input"):  # the forward's own message, before any forward runs
-            model.check_input(torch.empty(1, in_chans, img_size, img_size, device="meta"))
+            try:
+                model.check_input(torch.empty(1, in_chans, img_size, img_size, device="meta"))
+            except ValueError as e:
+                raise ArgumentError(str(e)) from None
         model.data_config["input_size"] = (in_chans, img_size, img_size)
     if weights_file is not None:
         from visionzoo.weights import load_checkpoint
@@ -232,7 +235,10 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
 
         load_checkpoint(model, checkpoint_path)
     if features_only:
-        model.set_features_only(out_indices)
+        try:
+            model.set_features_only(out_indices)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
     elif out_indices is not None:
         raise ArgumentError(f"{name}: out_indices is only used with features_only=True")
     return model

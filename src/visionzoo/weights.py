@@ -138,10 +138,18 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL (\S+)", str(e))
-        found = f" ({m.group(1)})" if m else ""
-        raise CheckpointError(f"checkpoint {str(path)!r} holds pickled Python objects{found} that would run code "
-                              f"when loaded; visionzoo loads tensors only: re-save just the weights, e.g. "
-                              f"torch.save(model.state_dict(), path) or visionzoo.save") from None
+        with open(path, "rb") as f:
+            is_pickle = f.read(1) == b"\x80"  # pickle protocol 2+ starts with PROTO
+        if m:
+            what = f"holds pickled Python objects ({m.group(1)}) that would run code when loaded"
+        elif is_pickle:
+            what = "is a plain Python pickle (pickle.dump, not torch.save), which could run code when loaded"
+        else:
+            raise CheckpointError(f"checkpoint {str(path)!r} is not a file torch can read (neither a torch zip nor "
+                                  f"a pickle): check that it is the file you meant, or download or save it "
+                                  f"again") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} {what}; visionzoo loads tensors only: re-save just the "
+                              f"weights, e.g. torch.save(model.state_dict(), path) or visionzoo.save") from None
     except EOFError:
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated (it ends before its data does): the download "
                               f"or save was cut off; download or save it again") from None
@@ -225,10 +233,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike | dict[str, Tensor
     only warn).
     """
     if isinstance(path, dict):
-        state, meta, where = dict(path), {}, "checkpoint"
-    else:
-        state, meta = read(path, state_key)
-        where = f"checkpoint {str(path)!r}"
+        return _load_state(model, dict(path), {}, "checkpoint", strict)
+    state, meta = read(path, state_key)
+    return _load_state(model, state, meta, f"checkpoint {str(path)!r}", strict)
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], meta: dict[str, Any], where: str, strict: bool) -> str:
+    """``load_checkpoint`` once the file is read: ``meta`` (what the file says it is) names a wrong model."""
     state, layout = to_model_layout(model, state)
     if hasattr(model, "adapt_state_dict"):
         state = model.adapt_state_dict(state)
@@ -297,6 +308,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str, **k
     from visionzoo.registry import create_model
 
     state, meta = read(src)
+    where = f"checkpoint {str(src)!r}"
     probe = create_model(model_name, **kwargs) if "num_classes" in kwargs else None
     if probe is None:
         with torch.device("meta"):
@@ -306,5 +318,5 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str, **k
         w = mapped.get(keys[0]) if keys else None
         kwargs["num_classes"] = int(w.shape[0]) if w is not None else 0
         probe = create_model(model_name, **kwargs)
-    load_checkpoint(probe, state)
+    _load_state(probe, state, meta, where, strict=True)
     return save(probe, dst)
