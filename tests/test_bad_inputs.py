@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,22 @@ def test_bad_input(case, files, monkeypatch, capsys):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(files["tmp"])
-    code = main(argv)  # a traceback would be an exception escaping here
+    with warnings.catch_warnings(record=True) as caught:  # a warning is one more stderr line in a real process
+        warnings.simplefilter("always")
+        code = main(argv)  # a traceback would be an exception escaping here
     err = capsys.readouterr().err
     assert bad_inputs.check(case, code, err) == [], err
+    assert not caught, [str(w.message)[:200] for w in caught]
+
+
+@pytest.mark.slow
+def test_bad_inputs_as_real_processes():
+    """The same cases as separate `python -m visionzoo` processes (about 25 torch imports: minutes)."""
+    import os
+    import subprocess
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "bad_inputs.py")], capture_output=True, text=True,
+                       env=env, timeout=3600)
+    assert p.returncode == 0, p.stdout + p.stderr

@@ -189,3 +189,16 @@ def test_convert_infers_classes(model, tmp_path):
     dst = weights.convert(src, tmp_path / "out.safetensors", NAME)
     again = visionzoo.load_model(dst).eval()
     assert again.num_classes == 10 and torch.equal(again(_x()), model(_x()))
+
+
+def test_training_checkpoints_with_plain_data_load(tmp_path, model):
+    """Official training scripts store their argparse arguments and numpy scalars next to the weights."""
+    import argparse
+
+    import numpy as np
+
+    path = tmp_path / "official.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1), "best_acc": np.float64(82.1),
+                "epoch": np.int64(299)}, path)
+    m = visionzoo.create_model(NAME, num_classes=10, checkpoint_path=str(path)).eval()
+    assert torch.equal(m(_x()), model(_x()))

@@ -117,6 +117,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     t.add_row("top-1 (%)", "-", "-", _num(paper["top1"], 2))
     con.print(t)
     con.print(f"source: {paper['source'] or '-'}" + (f"\nnotes: {info['notes']}" if info["notes"] else ""))
+    from visionzoo.pretrained import no_weights_reason, weight_specs
+
+    specs = weight_specs(args.model)
+    if specs:
+        w = specs[0]
+        con.print(f"pretrained=True: {w.name} ({_source(w)}, {w.license}, top-1 {w.top1:.2f} at {w.top1_img_size} px); "
+                  f"{len(specs)} weights file(s): `visionzoo weights {args.model}`")
+    else:
+        con.print(f"pretrained weights: none ({no_weights_reason(args.model)})")
     f = Table(title="features_only outputs")
     for c in ("index", "module", "channels", "stride", f"map @{size}"):
         f.add_column(c)

@@ -31,8 +31,9 @@ from typing import Any
 
 from visionzoo.errors import DownloadError, NoWeightsError
 
-__all__ = ["WeightSpec", "cache_dir", "cache_path", "download", "find_cached", "get_weights", "is_offline",
-           "list_pretrained", "no_weights_reason", "paper_top1_pretrain", "register", "weight_specs"]
+__all__ = ["WeightSpec", "cache_dir", "cache_path", "download", "find_cached", "get_weights", "hf_cache_file",
+           "is_offline", "list_pretrained", "no_weights_reason", "paper_top1_pretrain", "register", "split_name",
+           "weight_specs"]
 
 TABLE = Path(__file__).parent / "data" / "pretrained.json"
 HF_ENDPOINT = "https://huggingface.co"

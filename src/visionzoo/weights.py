@@ -129,13 +129,33 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state, meta
 
 
+def _plain_data_globals() -> list[Any]:
+    """Plain-data types training scripts store next to the weights (the argparse arguments, a best accuracy as a
+    numpy scalar). Unpickling them sets attributes or reads bytes and runs no code, so they are allowed."""
+    import argparse
+
+    import numpy as np
+
+    types: list[Any] = [argparse.Namespace, np.dtype]
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    types.append(scalar)
+    types += [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType",
+                                                "Int32DType", "BoolDType") if hasattr(getattr(np, "dtypes", None), n)]
+    return types
+
+
 def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``, with one line of ours for each way a file can fail."""
     import pickle
     import re
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_plain_data_globals()):
+            warnings.simplefilter("ignore", UserWarning)  # torch warns about pickle protocols before refusing
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL (\S+)", str(e))
         with open(path, "rb") as f:

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from visionzoo.errors import ArgumentError, NotFoundError
@@ -40,9 +39,12 @@ def load_trained(path: str | Path, name: str | None = None, *, num_classes: int 
         raise NotFoundError(f"checkpoint {str(path)!r} does not exist")
     state: dict[str, Any] | None = None
     if path.suffix != ".safetensors":
+        from visionzoo.errors import CheckpointError
+        from visionzoo.weights import _torch_load
+
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001  (weights.read below raises the explanatory error)
+            obj = _torch_load(path)
+        except CheckpointError:  # weights.read below raises the explanatory error
             obj = None
         if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT:
             state = obj
