@@ -115,14 +115,19 @@ def test_constructor_errors_name_the_model():
 
 
 def test_eval_writes_next_to_the_checkpoint(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
     from visionzoo.train.loop import train_metadata
 
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (200 * (c == "a"), 0, 0)).save(tmp_path / "data" / split / c / "0.png")
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    m = visionzoo.create_model("convnext_test", num_classes=10, in_chans=1, img_size=32)
-    ckpt = visionzoo.save(m, tmp_path / "run" / "model.safetensors",
-                          extra=train_metadata([str(i) for i in range(10)], 32))
-    assert main(["eval", "--checkpoint", str(ckpt), "--limit-val", "20", "--batch-size", "20"]) == 0
+    m = visionzoo.create_model("convnext_test", num_classes=2, img_size=32)
+    ckpt = visionzoo.save(m, tmp_path / "run" / "model.safetensors", extra=train_metadata(["a", "b"], 32))
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", f"folder:{tmp_path / 'data'}"]) == 0
     assert (tmp_path / "run" / "model_eval" / "metrics.json").is_file()
     assert not (tmp_path / "runs").exists()
     assert "model_eval" in capsys.readouterr().out
