@@ -6,7 +6,7 @@ import pytest
 import visionzoo
 from visionzoo.registry import KINDS, get_variant, list_families
 
-ALL = visionzoo.list_models()
+ALL = visionzoo.list_models(include_test=True)
 
 
 def test_names_unique_and_prefixed_by_family():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from visionzoo.errors import VisionZooError
+from visionzoo.errors import ArgumentError, NotFoundError, VisionZooError
 
 
 def _console():
@@ -73,7 +73,7 @@ def _model_or_checkpoint(spec: str, img_size: int | None = None):  # noqa: ANN20
     if os.path.exists(spec):
         return visionzoo.load_model(spec), f"weights from {spec}"
     if spec.endswith((".safetensors", ".pt", ".pth", ".bin")):
-        raise FileNotFoundError(f"checkpoint {spec!r} does not exist; give a checkpoint path or a model name "
+        raise NotFoundError(f"checkpoint {spec!r} does not exist; give a checkpoint path or a model name "
                                 f"(`visionzoo list`)")
     kwargs = {} if img_size is None else {"img_size": img_size}
     return visionzoo.create_model(spec, **kwargs), "random weights (give a checkpoint to export trained ones)"
@@ -108,7 +108,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 1
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} models (sources: `visionzoo info NAME` or docs/models.md)")
+    table = Table(title=f"{len(rows)} model{'s' * (len(rows) != 1)} (sources: `visionzoo info NAME` or docs/models.md)")
     for c in COLUMNS[:-1]:
         table.add_column(c, no_wrap=c == "model")
     for r in rows:
@@ -146,6 +146,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     t.add_row("top-1 (%)", "-", "-", _num(paper["top1"], 2))
     con.print(t)
     con.print(f"source: {paper['source'] or '-'}" + (f"\nnotes: {info['notes']}" if info["notes"] else ""))
+    from visionzoo.pretrained import no_weights_reason, weight_specs
+
+    specs = weight_specs(args.model)
+    if specs:
+        w = specs[0]
+        con.print(f"pretrained=True: {w.name} ({_source(w)}, {w.license}, top-1 {w.top1:.2f} at {w.top1_img_size} px); "
+                  f"{len(specs)} weights file(s): `visionzoo weights {args.model}`")
+    else:
+        con.print(f"pretrained weights: none ({no_weights_reason(args.model)})")
     f = Table(title="features_only outputs")
     for c in ("index", "module", "channels", "stride", f"map @{size}"):
         f.add_column(c)
@@ -184,7 +193,7 @@ def _model_args(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise ValueError(f"--model-arg takes KEY=VALUE (e.g. depth=6), got {item!r}")
+            raise ArgumentError(f"--model-arg takes KEY=VALUE (e.g. depth=6), got {item!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -204,8 +213,8 @@ def _resolve_img_size(args: argparse.Namespace, splits) -> int | None:  # noqa: 
         return args.img_size
     h_w = splits.image_size
     if h_w is None or h_w[0] != h_w[1]:
-        raise ValueError(f"--img-size native needs square images of one size; {splits.name} has "
-                         f"{h_w or 'several sizes'}; pass --img-size N to resize them")
+        raise ArgumentError(f"--img-size native needs square images of one size; {splits.name} has "
+                            f"{h_w or 'several sizes'}; pass --img-size N to resize them")
     return h_w[0]
 
 
@@ -224,18 +233,6 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202
                        stop_after=args.stop_after, progress=not args.no_progress, aug=aug).validate()
 
 
-def _friendly(fn):  # noqa: ANN001, ANN202
-    """Missing optional packages and diverging losses end with one line, like main()'s ValueErrors."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (ImportError, FloatingPointError) as e:
-            print(f"visionzoo {args.command}: error: {e}", file=sys.stderr)
-            return 2
-    return run
-
-
-@_friendly
 def cmd_train(args: argparse.Namespace) -> int:
     from visionzoo.train import dist
     from visionzoo.train.loop import build_model, fit, seed_everything
@@ -264,7 +261,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-@_friendly
+def default_eval_dir(checkpoint: str | Path) -> Path:
+    """Where ``visionzoo eval`` writes when ``--out`` is not given: ``<checkpoint folder>/<checkpoint stem>_eval``."""
+    p = Path(checkpoint)
+    return p.parent / f"{p.stem}_eval"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -272,28 +274,142 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pretrained:
+        return _eval_pretrained(args)
+    if not args.checkpoint:
+        raise ArgumentError("give --checkpoint PATH (a file from train, or any checkpoint) or --pretrained NAME")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = args.img_size if args.img_size != "native" else None
     model, meta = load_trained(args.checkpoint, args.model, img_size=size, ema=args.ema,
                                num_classes=args.num_classes, in_chans=args.in_chans)
     splits = _load_splits(args, in_chans=model.in_chans)
     if model.num_classes == 1000 and splits.num_classes != 1000 and "classes" not in meta and args.num_classes is None:
-        raise ValueError(f"{args.checkpoint} does not record its classes; pass --num-classes")
+        raise ArgumentError(f"{args.checkpoint} does not record its classes; pass --num-classes")
     m = eval_checkpoint(model, splits, meta, batch_size=args.batch_size, crop_pct=args.crop_pct, device=device)
-    files = write_report(m, args.out, title=f"{model.name} on {splits.name}: top-1 {m.top1:.2f}%")
-    t = Table(title=f"{model.name} on {splits.name} ({m.count} validation images)")
-    for c in ("class", "images", "top-1 %"):
-        t.add_column(c)
-    for c, n, a in zip(m.classes, m.confusion.sum(1).tolist(), m.per_class):
-        t.add_row(c, str(n), f"{a:.2f}")
+    out = args.out or default_eval_dir(args.checkpoint)
+    files = write_report(m, out, title=f"{model.name} on {splits.name}: top-1 {m.top1:.2f}%")
     con = _console()
-    con.print(t)
+    if len(m.classes) <= 20:
+        t = Table(title=f"{model.name} on {splits.name} ({m.count} validation images)")
+        for c in ("class", "images", "top-1 %"):
+            t.add_column(c)
+        for c, n, a in zip(m.classes, m.confusion.sum(1).tolist(), m.per_class):
+            t.add_row(c, str(n), f"{a:.2f}")
+        con.print(t)
     con.print(f"top-1 {m.top1:.2f}%  top-5 {m.top5:.2f}%  loss {m.loss:.4f}")
     con.print("wrote " + ", ".join(files.values()))
     return 0
 
 
-@_friendly
+def _eval_pretrained(args: argparse.Namespace) -> int:
+    """``eval --pretrained NAME[.TAG] --data folder:PATH/val``: ImageNet top-1/top-5 next to the reported ones."""
+    import visionzoo
+    from visionzoo.pretrained import get_weights
+    from visionzoo.train.evaluate import write_report
+    from visionzoo.train.imagenet import evaluate_imagenet, load_imagenet_folder
+
+    if args.checkpoint:
+        raise ArgumentError("give --pretrained NAME or --checkpoint PATH, not both")
+    if not args.data.startswith("folder:") or len(args.data) <= 7:
+        raise ArgumentError(f"--pretrained evaluates on ImageNet-1k: pass --data folder:PATH/val (one sub-folder "
+                            f"per class, named by synset id like n01440764), got --data {args.data}")
+    spec = get_weights(args.pretrained)
+    size = args.img_size if isinstance(args.img_size, int) else (spec.top1_img_size or spec.input_size)
+    crop = args.crop_pct or (spec.top1_crop_pct if size == spec.top1_img_size and spec.top1_crop_pct else
+                             spec.crop_pct)
+    ds = load_imagenet_folder(args.data[7:], limit=args.limit_val, seed=args.seed)
+    takes_size = getattr(visionzoo.get_variant(spec.variant).cls, "takes_img_size", False)
+    model = visionzoo.create_model(spec.variant, pretrained=spec.tag, img_size=size if takes_size else None).eval()
+    dc = model.data_config
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    m = evaluate_imagenet(model, ds, img_size=size, crop_pct=crop, interpolation=dc["interpolation"], mean=dc["mean"],
+                          std=dc["std"], batch_size=args.batch_size, device=device, workers=args.workers)
+    out = Path(args.out or Path("runs") / "eval" / spec.name)
+    files = write_report(m, out, title=f"{spec.name} on ImageNet-1k val: top-1 {m.top1:.2f}%")
+    paper = visionzoo.get_variant(spec.variant).paper
+    con = _console()
+    con.print(f"{spec.name} at {size} px, crop {crop}, {dc['interpolation']}: {m.count} images"
+              + ("" if m.count >= 50000 else " (a subset; the reported numbers use all 50,000)"))
+    con.print(f"  measured here: top-1 {m.top1:.2f}%  top-5 {m.top5:.2f}%  loss {m.loss:.4f}")
+    if spec.top1 is not None:
+        at = f" at {spec.top1_img_size} px" if spec.top1_img_size else ""
+        top5 = f"  top-5 {spec.top5:.2f}%" if spec.top5 is not None else ""
+        con.print(f"  reported for these weights: top-1 {spec.top1:.2f}%{top5}{at} ({spec.top1_source})")
+    if paper.top1 is not None:
+        at = f" at {paper.img_size} px" if paper.img_size else ""
+        con.print(f"  paper: top-1 {paper.top1:.2f}%{at} ({paper.source or 'registry'})")
+    con.print("wrote " + ", ".join(files.values()))
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """``visionzoo weights [PATTERN ...]``: where the pretrained weights of each variant live."""
+    from rich import box
+    from rich.table import Table
+
+    import visionzoo
+    from visionzoo.pretrained import cache_dir, cache_path, find_cached, list_pretrained, no_weights_reason
+
+    patterns = args.pattern or ["*"]
+    names = visionzoo.list_models(patterns)
+    if not names:
+        raise ArgumentError(f"no model matches {' '.join(patterns)}; try `visionzoo weights` for all")
+    if args.none:
+        t = Table(title="variants without downloadable weights")
+        t.add_column("model", no_wrap=True)
+        t.add_column("why")
+        for n in names:
+            why = no_weights_reason(n)
+            if why:
+                t.add_row(n, why)
+        _console().print(t)
+        return 0
+    detail = len(names) == 1 and not any(c in patterns[0] for c in "*?[")
+    specs = list_pretrained(names, all_tags=args.tags or detail)
+    con = _console()
+    if detail and not specs:
+        con.print(f"{names[0]}: no downloadable weights; {no_weights_reason(names[0])}")
+        return 0
+    files = f"{len(specs)} file{'s' * (len(specs) != 1)}"
+    t = Table(box=box.SIMPLE_HEAD, title=f"pretrained weights ({files}; pretrained=True loads each model's first)")
+    for c in ("model", "tag", "source", "MB", "licence", "top-1 @px", "pre-train", "cached"):
+        t.add_column(c, no_wrap=c in ("model", "tag"), justify="right" if c in ("MB", "top-1 @px") else "left")
+    for s in specs:
+        t.add_row(s.variant, s.tag, _source(s), _size(s), s.license or "-",
+                  f"{s.top1:.2f} @{s.top1_img_size}" if s.top1 is not None else "-", s.pretrain,
+                  "yes" if find_cached(s) else "")
+    con.print(t)
+    if detail:
+        for s in specs:
+            con.print(f"{s.name}: {s.download_url}\n  cache: {cache_path(s)}"
+                      + (f"\n  sha256: {s.sha256}" if s.sha256 else "") + (f"\n  {s.notes}" if s.notes else ""))
+    missing = [n for n in names if no_weights_reason(n)]
+    if missing and not detail:
+        con.print(f"{len(missing)} of {len(names)} variants have no direct download ({', '.join(missing[:4])}"
+                  f"{', ...' if len(missing) > 4 else ''}): `visionzoo weights --none` says why")
+    con.print(f"MB with ~ is estimated from the parameter count (fp32). Cache: {cache_dir()} ($VISIONZOO_CACHE); "
+              f"downloads happen only on pretrained=True or `visionzoo eval --pretrained`")
+    return 0
+
+
+def _source(s) -> str:  # noqa: ANN001
+    from urllib.parse import urlparse
+
+    if s.hf_hub:
+        return f"hf:{s.hf_hub.split('/')[0]}"
+    host = urlparse(s.url).hostname or "-"
+    return host if len(host) <= 24 else "..." + host[-21:]
+
+
+def _size(s) -> str:  # noqa: ANN001
+    if s.size_mb:
+        return f"{s.size_mb:g}"
+    import visionzoo
+
+    p = visionzoo.get_variant(s.variant).params_m
+    return f"~{p * 4:.0f}" if p else "-"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from visionzoo.train.compare import compare
 
@@ -304,7 +420,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = compare(args.models, splits, cfg, args.out, img_size=_resolve_img_size(args, splits),
                    patch_size=args.patch_size, device=args.device or "cpu", budget=args.budget)
     print((Path(args.out) / "compare.md").read_text())
-    print(f"wrote {args.out}/compare.csv, compare.md, compare.png ({len(rows)} models)")
+    print(f"wrote {args.out}/compare.csv, compare.md, compare.png ({len(rows)} model{'s' * (len(rows) != 1)})")
     return 0
 
 
@@ -364,8 +480,29 @@ def _add_recipe_args(s: argparse.ArgumentParser) -> None:
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows every option's default, also for options without a help text (flags that default off excepted)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS, []) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default not in (None, False, [],
+                                                                                     argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"
+            try:
+                return super()._format_action(action)
+            finally:
+                action.help = None
+        return super()._format_action(action)
+
+
 def add_train_commands(sub) -> None:  # noqa: ANN001
-    s = sub.add_parser("train", help="train a model on digits, fashion-mnist, an image folder or a HF dataset")
+    s = sub.add_parser("train", help="train a model on digits, fashion-mnist, an image folder or a HF dataset",
+                       formatter_class=_DefaultsFormatter)
     s.add_argument("--model", required=True, help="registered model name")
     s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="constructor override, repeatable (e.g. depth=6)")
@@ -375,16 +512,23 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
     _add_data_args(s)
     _add_recipe_args(s)
     s.set_defaults(func=cmd_train)
-    s = sub.add_parser("eval", help="top-1/top-5/loss, per-class accuracy and a confusion matrix of a checkpoint")
+    s = sub.add_parser("eval", help="top-1/top-5/loss, per-class accuracy and a confusion matrix of a checkpoint",
+                       formatter_class=_DefaultsFormatter)
     s.add_argument("--model", default=None, help="registered name (needed when the checkpoint does not record it)")
-    s.add_argument("--checkpoint", required=True, help="latest.pt or model.safetensors from train, or any checkpoint")
+    s.add_argument("--checkpoint", default=None, help="latest.pt or model.safetensors from train, or any checkpoint")
+    s.add_argument("--pretrained", default=None, metavar="NAME[.TAG]",
+                   help="evaluate published ImageNet weights (downloaded once) on --data folder:PATH/val, whose "
+                        "class folders are synset ids; reports top-1/top-5 next to the reported and paper numbers")
     s.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a latest.pt")
     s.add_argument("--num-classes", type=int, default=None, help="for a checkpoint that does not record its classes")
     s.add_argument("--batch-size", "-b", type=int, default=128)
-    s.add_argument("--out", default="runs/eval", help="folder for metrics.json, per_class.csv, confusion.png")
+    s.add_argument("--out", default=None, help="folder for metrics.json, per_class.csv, confusion.png (default: "
+                   "CHECKPOINT_FOLDER/STEM_eval next to the checkpoint; runs/eval/NAME.TAG for --pretrained)")
+    s.add_argument("--workers", type=int, default=0, help="data-loading processes")
     _add_data_args(s)
     s.set_defaults(func=cmd_eval)
-    s = sub.add_parser("compare", help="train several models under one recipe, budget and seed; one table, one plot")
+    s = sub.add_parser("compare", help="train several models under one recipe, budget and seed; one table, one plot",
+                       formatter_class=_DefaultsFormatter)
     s.add_argument("--models", nargs="+", required=True)
     s.add_argument("--budget", type=float, default=2.0, help="timed seconds for each throughput measurement")
     s.add_argument("--out", default="runs/compare", help="folder for compare.csv/.md/.png and each model's run")
@@ -394,7 +538,10 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from visionzoo import __version__
+
     p = argparse.ArgumentParser(prog="visionzoo", description="Vision backbones under one API, measured fairly.")
+    p.add_argument("--version", action="version", version=f"visionzoo {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("bench", help="params, MACs, throughput, latency and memory of models, side by side")
     s.add_argument("pattern", nargs="*", help="model names or fnmatch patterns; none = the default line-up")
@@ -446,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--img-size", type=int, default=None)
     s.set_defaults(func=cmd_info)
+    s = sub.add_parser("weights", help="where each variant's pretrained weights live: source, size, licence, top-1")
+    s.add_argument("pattern", nargs="*", help="model names or fnmatch patterns; one exact name shows every tag, URL "
+                                              "and cache path")
+    s.add_argument("--tags", action="store_true", help="every weights file of each model, not only the default")
+    s.add_argument("--none", action="store_true", help="the models without downloadable weights, and why")
+    s.set_defaults(func=cmd_weights)
     s = sub.add_parser("convert", help="convert a timm/official checkpoint to visionzoo format")
     s.add_argument("src")
     s.add_argument("dst", help="output path, .safetensors (or .pt)")
@@ -474,12 +627,17 @@ def _batch_arg(value: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. The library's own errors (bad input) end with one line on stderr and status 2, Ctrl-C with
+    one line and status 130; anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (VisionZooError, ValueError, TypeError, FileNotFoundError) as e:
+    except VisionZooError as e:
         print(f"visionzoo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"visionzoo {args.command}: {getattr(e, 'message', '') or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ def _fmt(v: float | None, nd: int = 2) -> str:
 def model_rows(pattern: str | list[str] = "*", include_test: bool = False) -> list[tuple[str, ...]]:
     """One row per registered model: our exact params (= official), official GMACs, then the paper's numbers."""
     rows = []
-    for name in list_models(pattern, exclude_test=not include_test):
+    for name in list_models(pattern, include_test=include_test or None):  # the same rule as list_models
         v = get_variant(name)
         p = v.paper
         at = f" @{p.img_size}" if p.img_size and p.img_size != v.input_size else ""

@@ -5,9 +5,13 @@ import difflib
 import fnmatch
 import inspect
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+
+from visionzoo.errors import ArgumentError, UnknownArgumentError, UnknownModelError, VisionZooError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,17 +111,24 @@ def list_families() -> list[Family]:
 
 
 def list_models(pattern: str | list[str] = "*", family: str | None = None, kind: str | None = None,
-                exclude_test: bool = False) -> list[str]:
-    """Registered names matching an fnmatch ``pattern`` (or any of several), in registration order."""
+                include_test: bool | None = None, exclude_test: bool | None = None) -> list[str]:
+    """Registered names matching an fnmatch ``pattern`` (or any of several), in registration order.
+
+    The tiny ``*_test`` variants (for tests) are left out, as ``visionzoo list`` leaves them out, unless
+    ``include_test=True`` or every pattern names test variants (``"*_test"``, ``"convnext_test"``).
+    ``exclude_test`` is the older spelling (``exclude_test=False`` is ``include_test=True``).
+    """
     _ensure_loaded()
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    if include_test is None:
+        include_test = (not exclude_test) if exclude_test is not None else all(p.endswith("_test") for p in patterns)
     out = []
     for name, v in _VARIANTS.items():
         if family is not None and v.family != family:
             continue
         if kind is not None and v.kind != kind:
             continue
-        if exclude_test and name.endswith("_test"):
+        if not include_test and name.endswith("_test"):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
             out.append(name)
@@ -130,7 +141,8 @@ def get_variant(name: str) -> Variant:
     if name not in _VARIANTS:
         close = difflib.get_close_matches(name, list(_VARIANTS), n=5, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ValueError(f"unknown model {name!r}; {hint}see visionzoo.list_models('{name[:4]}*')")
+        raise UnknownModelError(f"unknown model {name!r}; {hint}see visionzoo.list_models('{name[:4]}*') or "
+                                f"`visionzoo list '{name[:4]}*'`")
     return _VARIANTS[name]
 
 
@@ -158,40 +170,97 @@ def build_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
     unknown = [k for k in args if k not in params] if not accepts_any else []
     if unknown:
         allowed = sorted(k for k in params if k != "self")
-        raise TypeError(f"{name}: unknown argument(s) {unknown}; {v.cls.__name__} takes {allowed}")
+        raise UnknownArgumentError(f"{name}: unknown argument(s) {unknown}; {v.cls.__name__} takes {allowed}")
     return args
 
 
-def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3, img_size: int | None = None,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, features_only: bool = False,
-                 out_indices: tuple[int, ...] | list[int] | None = None, checkpoint_path: str | None = None,
-                 **overrides: Any) -> nn.Module:
+def create_model(name: str, *, pretrained: bool | str = False, num_classes: int = 1000, in_chans: int = 3,
+                 img_size: int | None = None, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 features_only: bool = False, out_indices: tuple[int, ...] | list[int] | None = None,
+                 checkpoint_path: str | None = None, **overrides: Any) -> nn.Module:
     """Build a registered model.
 
     Args:
-        img_size: build for this input size (position tables, windows); the variant's size when ``None``.
+        name: a registered name (``visionzoo.list_models()``), optionally with a weights tag
+            (``"convnext_tiny.fb_in1k"``) that ``pretrained=True`` then loads.
+        pretrained: ``True`` loads the variant's default ImageNet weights, a string loads those of that tag
+            (``visionzoo weights NAME --tags`` lists them). They are downloaded on first use into
+            ``$VISIONZOO_CACHE`` (see ``visionzoo.pretrained``); the model takes their preprocessing in
+            ``model.data_config``. Another ``num_classes`` keeps the backbone and re-initialises the classifier.
+        img_size: build for this input size (position tables, windows); the variant's size when ``None``. A size
+            the model cannot take is refused here, with the message its forward would give.
         features_only: return a model whose ``forward`` gives a list of NCHW maps, one per ``out_indices``.
         checkpoint_path: our format (``.safetensors``), a timm-layout or an official-layout state dict.
         overrides: any structural argument of the family's constructor (``depths=(1, 1, 1, 1)``).
     """
+    from visionzoo.pretrained import split_name
+
+    name, tag = split_name(name)  # registered names have no dot
     v = get_variant(name)
+    if not isinstance(pretrained, (bool, str)):
+        raise ArgumentError(f"{name}: pretrained must be True, False or a weights tag, got {pretrained!r}")
     if num_classes < 0:
-        raise ValueError(f"{name}: num_classes must be >= 0, got {num_classes}")
+        raise ArgumentError(f"{name}: num_classes must be >= 0, got {num_classes}")
     if in_chans < 1:
-        raise ValueError(f"{name}: in_chans must be >= 1, got {in_chans}")
+        raise ArgumentError(f"{name}: in_chans must be >= 1, got {in_chans}")
+    spec = weights_file = None
+    if pretrained is not False or tag is not None:
+        from visionzoo.pretrained import download, get_weights
+
+        spec = get_weights(name if tag is None else f"{name}.{tag}", pretrained if pretrained is not False else True)
+        if pretrained is not False:
+            if checkpoint_path is not None:
+                raise ArgumentError(f"{name}: give pretrained= or checkpoint_path=, not both")
+            weights_file = download(spec)  # before the build: a missing file should not cost a build first
+        if img_size is None and getattr(v.cls, "takes_img_size", False) and spec.input_size != v.input_size:
+            img_size = spec.input_size
     args = build_kwargs(name, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
                         drop_path_rate=drop_path_rate, img_size=img_size, **overrides)
-    model = v.cls(**args)
+    model = _construct(name, v.cls, args)
     model.variant = (name, args)
-    model.data_config = v.data_config
+    model.data_config = spec.data_config(in_chans) if spec is not None else v.data_config
     if img_size is not None:
+        if hasattr(model, "check_input"):  # the forward's own message, before any forward runs
+            try:
+                model.check_input(torch.empty(1, in_chans, img_size, img_size, device="meta"))
+            except ValueError as e:
+                raise ArgumentError(str(e)) from None
         model.data_config["input_size"] = (in_chans, img_size, img_size)
-    if checkpoint_path is not None:
+    if weights_file is not None:
+        from visionzoo.weights import load_checkpoint
+
+        load_checkpoint(model, weights_file, state_key=spec.state_key)
+    elif checkpoint_path is not None:
         from visionzoo.weights import load_checkpoint
 
         load_checkpoint(model, checkpoint_path)
     if features_only:
-        model.set_features_only(out_indices)
+        try:
+            model.set_features_only(out_indices)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
     elif out_indices is not None:
-        raise ValueError(f"{name}: out_indices is only used with features_only=True")
+        raise ArgumentError(f"{name}: out_indices is only used with features_only=True")
     return model
+
+
+def _construct(name: str, cls: type[nn.Module], args: dict[str, Any]) -> nn.Module:
+    """``cls(**args)``; a ValueError or TypeError the family raises about its arguments becomes ours, naming ``name``.
+
+    Only errors raised in visionzoo's own code (the checks families make, per the style guide) or by the call
+    itself are turned into ``ArgumentError``/``UnknownArgumentError``; others are bugs and keep their traceback.
+    """
+    try:
+        return cls(**args)
+    except VisionZooError:
+        raise
+    except (ValueError, TypeError) as e:
+        tb = e.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        where = tb.tb_frame.f_code.co_filename
+        ours = tb is e.__traceback__ or "visionzoo" in Path(where).parts
+        if not ours:
+            raise
+        msg = str(e) if str(e).startswith(name) else f"{name}: {e}"
+        raise (ArgumentError if isinstance(e, ValueError) else UnknownArgumentError)(msg) from e

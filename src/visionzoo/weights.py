@@ -17,12 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError, CheckpointError, NotFoundError
+from visionzoo.pretrained import download
+
+__all__ = ["CheckpointError", "adapt_input_conv", "atomic_write", "convert", "download", "load_checkpoint",
+           "load_model", "read", "save", "to_model_layout", "unwrap"]
+
 FORMAT = "visionzoo"
 _CONTAINER_KEYS = ("state_dict", "model", "model_ema", "state_dict_ema", "module", "net", "params")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into the model; the message lists what does not fit."""
+_SHOWN_KEYS = 5  # keys listed per kind of mismatch
 
 
 def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
@@ -36,11 +39,19 @@ def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def atomic_write(path: Path, write) -> None:  # noqa: ANN001
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    The file gets the mode a plain ``open(path, "w")`` would give (0o666 less the umask), not the 0o600 of a
+    temporary file.
+    """
+    from visionzoo.pretrained import _umask_mode
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -55,7 +66,7 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, str] | None
     path = Path(path)
     variant = getattr(model, "variant", None)
     if variant is None:
-        raise ValueError("weights.save: the model has no .variant; build it with visionzoo.create_model")
+        raise ArgumentError("weights.save: the model has no .variant; build it with visionzoo.create_model")
     name, args = variant
     meta = {"format": FORMAT, "variant": name, "args": json.dumps(_jsonable(args)), **(extra or {})}
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -67,38 +78,123 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, str] | None
     return path
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a checkpoint file into ``(state_dict, metadata)`` without building a model."""
+def read(path: str | os.PathLike, state_key: str | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a checkpoint file into ``(state_dict, metadata)`` without building a model.
+
+    ``state_key`` picks an entry of a training checkpoint (e.g. ``"model_ema"``) when the file has it. An
+    empty, truncated or foreign file, or a pickle that would run code, raises ``CheckpointError`` naming the
+    file and what is wrong with it.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    meta: dict[str, Any] = {}
+        raise NotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): the download or save that wrote it "
+                              f"was cut off; download or save it again")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        if "args" in meta:
-            meta["args"] = json.loads(meta["args"])
-        return state, meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickles that need code to load are refused here
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded with weights_only=True ({e}); "
-                              f"visionzoo never unpickles code: re-save it as a plain state_dict") from e
+        return _read_safetensors(path)
+    obj = _torch_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
         return obj["state_dict"], meta
-    return unwrap(obj), meta
+    return unwrap(obj, state_key), {}
 
 
-def unwrap(obj: Any) -> dict[str, Tensor]:
-    """Find the state_dict inside the containers training scripts write, and strip DDP's ``module.``."""
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001  (SafetensorError comes from Rust and has no importable base)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        with open(path, "rb") as f:
+            head = f.read(8)
+        size = path.stat().st_size
+        text = str(e)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            what = "is a torch pickle, not a safetensors file: rename it to .pth (or .pt) to load it"
+        elif size < 8 or "header too small" in text:
+            what = f"is too short to be a safetensors file ({size} bytes): download or save it again"
+        elif "not fully covered" in text or "invalid header length" in text:
+            what = (f"is truncated ({size} bytes, fewer than its header declares): the download or save was cut "
+                    f"off; download or save it again")
+        else:
+            what = f"is not a valid safetensors file ({text.split(': ', 1)[-1]}): download or save it again"
+        raise CheckpointError(f"checkpoint {str(path)!r} {what}") from None
+    if "args" in meta:
+        meta["args"] = json.loads(meta["args"])
+    return state, meta
+
+
+def _plain_data_globals() -> list[Any]:
+    """Plain-data types training scripts store next to the weights (the argparse arguments, a best accuracy as a
+    numpy scalar). Unpickling them sets attributes or reads bytes and runs no code, so they are allowed."""
+    import argparse
+
+    import numpy as np
+
+    types: list[Any] = [argparse.Namespace, np.dtype]
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    types.append(scalar)
+    types += [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType",
+                                                "Int32DType", "BoolDType") if hasattr(getattr(np, "dtypes", None), n)]
+    return types
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, with one line of ours for each way a file can fail."""
+    import pickle
+    import re
+
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_plain_data_globals()):
+            warnings.simplefilter("ignore", UserWarning)  # torch warns about pickle protocols before refusing
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL (\S+)", str(e))
+        with open(path, "rb") as f:
+            is_pickle = f.read(1) == b"\x80"  # pickle protocol 2+ starts with PROTO
+        if m:
+            what = f"holds pickled Python objects ({m.group(1)}) that would run code when loaded"
+        elif is_pickle:
+            what = "is a plain Python pickle (pickle.dump, not torch.save), which could run code when loaded"
+        else:
+            raise CheckpointError(f"checkpoint {str(path)!r} is not a file torch can read (neither a torch zip nor "
+                                  f"a pickle): check that it is the file you meant, or download or save it "
+                                  f"again") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} {what}; visionzoo loads tensors only: re-save just the "
+                              f"weights, e.g. torch.save(model.state_dict(), path) or visionzoo.save") from None
+    except EOFError:
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated (it ends before its data does): the download "
+                              f"or save was cut off; download or save it again") from None
+    except RuntimeError as e:
+        if "zip archive" in str(e) or "PytorchStreamReader" in str(e):
+            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or damaged (not a complete torch zip "
+                                  f"file): download or save it again") from None
+        raise
+    except (KeyError, ValueError, UnicodeDecodeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a file torch can read (neither a torch zip nor a "
+                              f"pickle; {type(e).__name__}): check that it is the file you meant, or download or "
+                              f"save it again") from None
+
+
+def unwrap(obj: Any, state_key: str | None = None) -> dict[str, Tensor]:
+    """Find the state_dict inside the containers training scripts write, and strip DDP's ``module.``.
+
+    ``state_key`` is tried first (e.g. ``"model_ema"`` for a checkpoint whose EMA weights are the reported ones).
+    """
+    if state_key and isinstance(obj, dict) and isinstance(obj.get(state_key), dict):
+        obj = obj[state_key]
     while isinstance(obj, dict) and not any(isinstance(v, Tensor) for v in obj.values()):
         key = next((k for k in _CONTAINER_KEYS if k in obj), None)
         if key is None:
-            raise CheckpointError(f"no state_dict found in checkpoint; top-level keys: {sorted(obj)[:10]}")
+            raise CheckpointError(f"no state_dict found in checkpoint; top-level keys: {sorted(map(str, obj))[:10]}")
         obj = obj[key]
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state_dict")
@@ -147,14 +243,23 @@ def _classifier_keys(model: nn.Module) -> list[str]:
     return [f"{n}.{p}" for n in names for p in ("weight", "bias")]
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike | dict[str, Tensor], strict: bool = True) -> str:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike | dict[str, Tensor], strict: bool = True,
+                    state_key: str | None = None) -> str:
     """Load a checkpoint file (or state_dict) into ``model``; returns the detected layout.
 
     A classifier of another size is re-initialised with a warning; a first conv with other input
     channels is adapted. Missing or unexpected keys and shape mismatches raise ``CheckpointError``
-    listing them (with ``strict=False`` they only warn).
+    listing them, and naming the model the file records when it is another (with ``strict=False`` they
+    only warn).
     """
-    state = dict(path) if isinstance(path, dict) else read(path)[0]
+    if isinstance(path, dict):
+        return _load_state(model, dict(path), {}, "checkpoint", strict)
+    state, meta = read(path, state_key)
+    return _load_state(model, state, meta, f"checkpoint {str(path)!r}", strict)
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], meta: dict[str, Any], where: str, strict: bool) -> str:
+    """``load_checkpoint`` once the file is read: ``meta`` (what the file says it is) names a wrong model."""
     state, layout = to_model_layout(model, state)
     if hasattr(model, "adapt_state_dict"):
         state = model.adapt_state_dict(state)
@@ -181,15 +286,25 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike | dict[str, Tensor
               for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         name = getattr(model, "name", type(model).__name__)
-        msg = (f"checkpoint does not fit {name} (layout seen: {layout}):\n"
-               f"  missing ({len(missing)}): {missing[:20]}\n  unexpected ({len(unexpected)}): {unexpected[:20]}\n"
-               f"  shape mismatch ({len(shapes)}): {shapes[:20]}")
+        recorded = meta.get("variant")
+        if recorded and recorded != name:
+            who = (f"this checkpoint is {recorded}, not {name}: build it with visionzoo.load_model(path) or "
+                   f"create_model({recorded!r}, checkpoint_path=path)")
+        else:
+            who = f"layout seen: {layout}"
+        msg = (f"{where} does not fit {name} ({who}); missing ({len(missing)}): {_few(missing)}; "
+               f"unexpected ({len(unexpected)}): {_few(unexpected)}; shape mismatch ({len(shapes)}): {_few(shapes)}")
         if strict or shapes:
             raise CheckpointError(msg)
         warnings.warn(msg, stacklevel=2)
     state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(state, strict=False)
     return layout
+
+
+def _few(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOWN_KEYS])
+    return f"[{shown}{', ...' if len(items) > _SHOWN_KEYS else ''}]"
 
 
 def load_model(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
@@ -213,6 +328,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str, **k
     from visionzoo.registry import create_model
 
     state, meta = read(src)
+    where = f"checkpoint {str(src)!r}"
     probe = create_model(model_name, **kwargs) if "num_classes" in kwargs else None
     if probe is None:
         with torch.device("meta"):
@@ -222,5 +338,5 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str, **k
         w = mapped.get(keys[0]) if keys else None
         kwargs["num_classes"] = int(w.shape[0]) if w is not None else 0
         probe = create_model(model_name, **kwargs)
-    load_checkpoint(probe, state)
+    _load_state(probe, state, meta, where, strict=True)
     return save(probe, dst)

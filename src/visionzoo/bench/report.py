@@ -104,49 +104,91 @@ def write_all(results: list[BenchResult], out_dir: str = "bench-results", name: 
     return paths
 
 
-def table(results: list[BenchResult], title: str = "visionzoo bench"):  # noqa: ANN201  (rich.table.Table)
-    """A rich table: one line per model and batch size; errors and contended runs marked, not hidden."""
+MAX_WIDTH = 120  # terminal columns the table may take
+CONTENDED = "*"
+# columns left out first when the table would be wider than MAX_WIDTH (all of them are in the CSV and JSON)
+_DROP_ORDER = ("ms/step", "min-max", "kind", "p50/p90/p99 ms", "CPU", "compile s", "train MB", "peak MB", "GMACs")
+
+
+def _cells(r: BenchResult, cols: list[str], contended_rows: bool) -> list[str]:
+    """One row's cells for ``cols``; a contended row's img/s carries the ``*`` marker."""
+    if r.status == "error":
+        out = {"model": r.model, "kind": r.kind or "-", "batch": _fmt(r.infer_batch_size),
+               "img/s": "[red]error[/red]"}
+        return [out.get(c, "-") for c in cols]
+    mark = CONTENDED if r.status == "contended" else (" " if contended_rows else "")
+    lat = "-" if r.infer_latency_p50 is None else (
+        f"{r.infer_latency_p50:.1f}/{r.infer_latency_p90:.1f}/{r.infer_latency_p99:.1f}")
+    rng = "-" if r.infer_samples_per_sec_min is None else (
+        f"{r.infer_samples_per_sec_min:.1f}-{r.infer_samples_per_sec_max:.1f}")
+    timm = _fmt(r.timm_infer_samples_per_sec) if r.timm_infer_samples_per_sec is not None else (
+        "n/a" if r.timm_note else "-")
+    out = {"model": r.model, "kind": r.kind, "params M": _fmt(r.param_count, 2), "GMACs": _fmt(r.infer_gmacs, 2),
+           "img": _fmt(r.infer_img_size), "batch": _fmt(r.infer_batch_size or r.train_batch_size),
+           "img/s": _fmt(r.infer_samples_per_sec) + mark, "min-max": rng, "ms/step": _fmt(r.infer_step_time, 1),
+           "p50/p90/p99 ms": lat, "peak MB": _fmt(r.infer_peak_mem_mb, 0), "MFU": _fmt(r.infer_mfu, 2),
+           "compile s": _fmt(r.infer_compile_time, 1), "train img/s": _fmt(r.train_samples_per_sec),
+           "train MB": _fmt(r.train_peak_mem_mb, 0), "timm img/s": timm, "ours/timm": _fmt(r.ratio_vs_timm, 2),
+           "CPU": _fmt(r.infer_cpu_util if r.infer_cpu_util is not None else r.train_cpu_util, 2)}
+    return [out[c] for c in cols]
+
+
+def _width(t) -> int:  # noqa: ANN001
+    from rich.console import Console
+
+    con = Console(width=1000, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    con.print(t)
+    return max((len(line.rstrip()) for line in con.export_text().splitlines()), default=0)
+
+
+def table(results: list[BenchResult], title: str = "visionzoo bench", max_width: int = MAX_WIDTH):  # noqa: ANN201
+    """A rich table within ``max_width`` columns: one line per model and batch size.
+
+    Contended runs carry a ``*`` after their img/s and one footnote (the table's caption) says what it means;
+    errors say ``error`` (the reason is printed below the table). Columns that do not fit are left out, least
+    important first, and the footnote names them (every column is in the CSV and JSON).
+    """
+    from rich import box
     from rich.table import Table
 
     rows = list(results)
-    has_train = any(r.train_samples_per_sec is not None for r in rows)
-    has_timm = any(r.timm_infer_samples_per_sec is not None or r.timm_note for r in rows)
-    has_mfu = any(r.infer_mfu is not None for r in rows)
-    has_mem = any(r.infer_peak_mem_mb is not None for r in rows)
-    has_compile = any(r.infer_compile_time is not None for r in rows)
-    t = Table(title=title)
-    cols = ["model", "kind", "params (M)", "GMACs", "img", "batch", "img/s (min-max)", "ms/step",
-            "p50/p90/p99 ms"]
-    cols += ["peak MB"] * has_mem + ["MFU"] * has_mfu + ["compile s"] * has_compile
-    cols += ["train img/s", "train MB"] * has_train + ["timm img/s", "ours/timm"] * has_timm + ["CPU util", "note"]
-    for c in cols:
-        t.add_column(c, overflow="fold", justify="left" if c in ("model", "kind", "note") else "right")
-    for r in rows:
-        if r.status == "error":
-            where = f"batch {r.infer_batch_size}" if r.infer_batch_size else "-"
-            t.add_row(r.model, r.kind or "-", *["-"] * 3, where, *["-"] * (len(cols) - 7), "[red]error (below)[/red]")
-            continue
-        bs = r.infer_batch_size or r.train_batch_size
-        tput = "-" if r.infer_samples_per_sec is None else (
-            f"{r.infer_samples_per_sec:.1f} ({r.infer_samples_per_sec_min:.1f}-{r.infer_samples_per_sec_max:.1f})")
-        lat = "-" if r.infer_latency_p50 is None else (
-            f"{r.infer_latency_p50:.2f}/{r.infer_latency_p90:.2f}/{r.infer_latency_p99:.2f}")
-        cells = [r.model, r.kind, _fmt(r.param_count, 2), _fmt(r.infer_gmacs, 2), _fmt(r.infer_img_size),
-                 _fmt(bs), tput, _fmt(r.infer_step_time, 2), lat]
-        cells += [_fmt(r.infer_peak_mem_mb, 0)] * has_mem + [_fmt(r.infer_mfu, 2)] * has_mfu
-        cells += [_fmt(r.infer_compile_time, 1)] * has_compile
-        cells += [_fmt(r.train_samples_per_sec), _fmt(r.train_peak_mem_mb, 0)] * has_train
-        if has_timm:
-            cells += [_fmt(r.timm_infer_samples_per_sec), _fmt(r.ratio_vs_timm, 2)]
-        note = []
-        if r.status == "contended":
-            note.append("[yellow]CONTENDED: other processes took the cores; not the model's speed[/yellow]")
-        elif r.contended_runs:
-            note.append(f"{r.contended_runs} contended run(s) left out")
-        if r.timm_note and r.timm_infer_samples_per_sec is None:
-            note.append("timm: not measured (reason below)")
-        cells += [_fmt(r.infer_cpu_util if r.infer_cpu_util is not None else r.train_cpu_util, 2), "; ".join(note)]
-        t.add_row(*cells)
+    ok = [r for r in rows if r.status != "error"]
+    sizes = {r.infer_img_size for r in ok}
+    cols = ["model", "kind", "params M", "GMACs"] + ["img"] * (len(sizes) > 1) + ["batch", "img/s", "min-max",
+                                                                                     "ms/step", "p50/p90/p99 ms"]
+    cols += ["peak MB"] * any(r.infer_peak_mem_mb is not None for r in rows)
+    cols += ["MFU"] * any(r.infer_mfu is not None for r in rows)
+    cols += ["compile s"] * any(r.infer_compile_time is not None for r in rows)
+    cols += ["train img/s", "train MB"] * any(r.train_samples_per_sec is not None for r in rows)
+    cols += ["timm img/s", "ours/timm"] * any(r.timm_infer_samples_per_sec is not None or r.timm_note for r in rows)
+    cols += ["CPU"]
+    if len(sizes) == 1 and None not in sizes:
+        title = f"{title} ({next(iter(sizes))} px)"
+    contended = sum(r.status == "contended" for r in rows)
+    dropped: list[str] = []
+
+    def build() -> Table:
+        notes = []
+        if contended:
+            notes.append(f"{CONTENDED} contended: other processes took the cores; not the model's speed")
+        if dropped:
+            notes.append(f"left out to fit {max_width} columns: {', '.join(dropped)} (in the CSV)")
+        t = Table(title=title, caption="; ".join(notes) or None, caption_justify="left", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), pad_edge=False, collapse_padding=True)
+        for c in cols:
+            t.add_column(c, no_wrap=True, justify="left" if c in ("model", "kind") else "right")
+        for r in rows:
+            t.add_row(*_cells(r, cols, bool(contended)))
+        return t
+
+    t = build()
+    for c in _DROP_ORDER:
+        if _width(t) <= max_width:
+            break
+        if c in cols:
+            cols.remove(c)
+            dropped.append(c)
+            t = build()
     return t
 
 
@@ -169,6 +211,7 @@ def summary_lines(results: BenchResults) -> list[str]:
                           "peak is low and MFU high)" if (roof.get("other_cores") or 0) > 0.25 else ""))
     n_err = sum(r.status == "error" for r in results)
     n_cont = sum(r.status == "contended" for r in results)
-    out.append(f"{len(results)} rows, {n_err} error(s), {n_cont} contended, {results.wall_s:.1f} s"
+    rows = "1 row" if len(results) == 1 else f"{len(results)} rows"
+    out.append(f"{rows}, {n_err} error(s), {n_cont} contended, {results.wall_s:.1f} s"
                + (" (interrupted: the rows measured so far are kept)" if results.interrupted else ""))
     return out

@@ -53,7 +53,7 @@ def resolve_models(patterns: list[str] | tuple[str, ...] | str | None) -> tuple[
         patterns = [patterns]
     if not patterns:
         return default_lineup(), []
-    known = list_models(exclude_test=False)
+    known = list_models(include_test=True)
     names, errors = [], []
     for p in patterns:
         if not any(c in p for c in "*?["):

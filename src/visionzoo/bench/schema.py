@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from visionzoo.errors import ArgumentError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("infer", "train", "both")
 OMP_POLICIES = ("passive", "active", "inherit")
@@ -57,24 +59,24 @@ class BenchConfig:
             self.resolved()
         self.batch_sizes = tuple(int(b) for b in self.batch_sizes)
         if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ValueError(f"bench: batch_sizes must be positive integers, got {self.batch_sizes}")
+            raise ArgumentError(f"bench: batch_sizes must be positive integers, got {self.batch_sizes}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"bench: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+            raise ArgumentError(f"bench: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.mode not in MODES:
-            raise ValueError(f"bench: mode must be one of {MODES}, got {self.mode!r}")
+            raise ArgumentError(f"bench: mode must be one of {MODES}, got {self.mode!r}")
         if self.malloc_policy not in MALLOC_POLICIES:
-            raise ValueError(f"bench: malloc_policy must be one of {MALLOC_POLICIES}, got {self.malloc_policy!r}")
+            raise ArgumentError(f"bench: malloc_policy must be one of {MALLOC_POLICIES}, got {self.malloc_policy!r}")
         if self.omp_wait_policy not in OMP_POLICIES:
-            raise ValueError(f"bench: omp_wait_policy must be one of {OMP_POLICIES}, got {self.omp_wait_policy!r}")
+            raise ArgumentError(f"bench: omp_wait_policy must be one of {OMP_POLICIES}, got {self.omp_wait_policy!r}")
         if self.repeats < 1 or self.budget <= 0:
-            raise ValueError(f"bench: repeats must be >= 1 and budget > 0, got {self.repeats} and {self.budget}")
+            raise ArgumentError(f"bench: repeats must be >= 1 and budget > 0, got {self.repeats} and {self.budget}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"bench: threads must be >= 1, got {self.threads}")
+            raise ArgumentError(f"bench: threads must be >= 1, got {self.threads}")
         if self.img_size is not None and self.img_size < 1:
-            raise ValueError(f"bench: img_size must be positive, got {self.img_size}")
+            raise ArgumentError(f"bench: img_size must be positive, got {self.img_size}")
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("bench: device 'cuda' was asked for but torch.cuda.is_available() is False")
+            raise ArgumentError("bench: device 'cuda' was asked for but torch.cuda.is_available() is False")
         return self
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError, MissingDependencyError
+
 __all__ = ["AugConfig", "Normalize", "TrainAugment", "channel_stats", "soft_cross_entropy"]
 
 AUTO_AUGMENT = ("none", "rand", "trivial")
@@ -37,16 +39,16 @@ class AugConfig:
     def validate(self) -> AugConfig:
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise ArgumentError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         for k in ("hflip", "mixup", "cutmix"):
             if not 0 <= getattr(self, k) <= 1:
-                raise ValueError(f"{k} is a probability in [0, 1], got {getattr(self, k)}")
+                raise ArgumentError(f"{k} is a probability in [0, 1], got {getattr(self, k)}")
         if not 0 <= self.smoothing < 1:
-            raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}")
+            raise ArgumentError(f"smoothing must be in [0, 1), got {self.smoothing}")
         if self.color_jitter < 0:
-            raise ValueError(f"color_jitter must be >= 0, got {self.color_jitter}")
+            raise ArgumentError(f"color_jitter must be >= 0, got {self.color_jitter}")
         if self.auto_augment not in AUTO_AUGMENT:
-            raise ValueError(f"auto_augment must be one of {AUTO_AUGMENT}, got {self.auto_augment!r}")
+            raise ArgumentError(f"auto_augment must be one of {AUTO_AUGMENT}, got {self.auto_augment!r}")
         return self
 
 
@@ -86,7 +88,7 @@ class TrainAugment(nn.Module):
             import kornia.augmentation as K
             from kornia.augmentation import auto
         except ImportError as e:
-            raise ImportError("training augmentation needs kornia: pip install 'visionzoo[train]'") from e
+            raise MissingDependencyError("training augmentation needs kornia: pip install 'visionzoo[train]'") from e
         cfg.validate()
         self.cfg, self.num_classes = cfg, num_classes
         ops: list[nn.Module] = [K.RandomResizedCrop((size, size), scale=cfg.scale, ratio=cfg.ratio,

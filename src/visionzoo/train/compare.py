@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from visionzoo.errors import ArgumentError
 from visionzoo.train.data import DataSplits
 from visionzoo.train.loop import TrainConfig, build_model, fit, seed_everything
 from visionzoo.train.metrics import _figure, _save, write_csv
@@ -70,7 +71,7 @@ def compare(models: list[str], splits: DataSplits, cfg: TrainConfig, out_dir: st
     from visionzoo.train.dist import DistInfo
 
     if not models:
-        raise ValueError("compare: give at least one model name")
+        raise ArgumentError("compare: give at least one model name")
     for name in models:
         get_variant(name)  # unknown names fail before any training
     out = Path(out_dir)
@@ -93,12 +94,12 @@ def compare(models: list[str], splits: DataSplits, cfg: TrainConfig, out_dir: st
             f"{tput:.0f} img/s  trained in {res.train_time_s:.0f} s")
     write_csv([r.table_row() for r in rows], out / "compare.csv")
     (out / "compare.md").write_text(markdown(rows, cfg, splits.name, size))
-    plot(rows, out / "compare.png", f"{splits.name}, {cfg.epochs} epochs, {size}px, seed {cfg.seed}")
+    plot(rows, out / "compare.png", f"{splits.name}, {epochs(cfg.epochs)}, {size}px, seed {cfg.seed}")
     return rows
 
 
 def markdown(rows: list[CompareRow], cfg: TrainConfig, data: str, size: int) -> str:
-    head = (f"{data}, {size}px, {cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.opt} lr {cfg.lr}, "
+    head = (f"{data}, {size}px, {epochs(cfg.epochs)}, batch {cfg.batch_size}, {cfg.opt} lr {cfg.lr}, "
             f"wd {cfg.weight_decay}, seed {cfg.seed}\n\n")
     lines = ["| model | kind | top-1 % | top-5 % | params (M) | GMACs | img/s | train s |", "|" + "---|" * 8]
     for r in rows:
@@ -107,20 +108,44 @@ def markdown(rows: list[CompareRow], cfg: TrainConfig, data: str, size: int) -> 
     return head + "\n".join(lines) + "\n"
 
 
+def epochs(n: int) -> str:
+    return "1 epoch" if n == 1 else f"{n} epochs"
+
+
+MARKERS = {"convnet": "o", "vit": "^", "hybrid": "s"}
+MARKER_NAMES = {"o": "circle", "^": "triangle", "s": "square"}
+
+
 def plot(rows: list[CompareRow], path: str | Path, title: str) -> Path:
-    """Left: validation top-1 per epoch. Right: top-1 vs measured throughput, marker area ~ params."""
+    """Left: validation top-1 per epoch. Right: top-1 vs measured throughput, marker area ~ params.
+
+    Each model keeps one colour in both panels; the marker shape gives its kind. Labels stay inside the axes.
+    """
+    from visionzoo.bench.plots import place_labels
+
     plt, fig, (ax_c, ax_s) = _figure(2, 5.5, 4.2)
+    colours = []
     for r in rows:
-        ax_c.plot([h["epoch"] for h in r.history], [h["val_top1"] for h in r.history], marker="o", ms=3,
-                  label=r.model)
-        ax_s.scatter([r.img_per_s], [r.top1], s=30 + 20 * r.params_m, alpha=0.7,
-                     color="tab:blue" if r.kind == "convnet" else "tab:orange")
-        ax_s.annotate(f"{r.model}\n{r.params_m:.1f}M, {r.gmacs:.2f} GMACs", (r.img_per_s, r.top1), fontsize=7,
-                      xytext=(4, 4), textcoords="offset points")
+        (line,) = ax_c.plot([h["epoch"] for h in r.history], [h["val_top1"] for h in r.history], marker="o", ms=3,
+                            label=r.model)
+        colours.append(line.get_color())
+        ax_s.scatter([r.img_per_s], [r.top1], s=30 + 20 * r.params_m, alpha=0.7, color=colours[-1],
+                     marker=MARKERS.get(r.kind, "o"))
     ax_c.set(xlabel="epoch", ylabel="val top-1 (%)", title=title)
+    kinds = [k for k in MARKERS if any(r.kind == k for r in rows)]
     ax_s.set(xlabel="inference img/s (measured here)", ylabel="val top-1 (%)",
-             title="top-1 vs speed (blue ConvNet, orange ViT)")
+             title="top-1 vs speed (" + ", ".join(f"{MARKER_NAMES[MARKERS[k]]} {k}" for k in kinds)
+             + "; area ~ params)")
     for ax in (ax_c, ax_s):
         ax.grid(alpha=0.3)
     ax_c.legend(fontsize=7)
+    xs, ys = [r.img_per_s for r in rows], [r.top1 for r in rows]
+    if rows:
+        span_x = (max(xs) - min(xs)) or max(max(xs), 1.0) * 0.2
+        span_y = (max(ys) - min(ys)) or 2.0
+        ax_s.set_xlim(min(xs) - 0.25 * span_x, max(xs) + 0.25 * span_x)
+        ax_s.set_ylim(min(ys) - 0.3 * span_y, max(ys) + 0.3 * span_y)
+        fig.tight_layout()
+        place_labels(ax_s, xs, ys, [f"{r.model}\n{r.params_m:.1f}M, {r.gmacs:.2f} GMACs" for r in rows],
+                     colours=colours, sizes=[30 + 20 * r.params_m for r in rows])
     return _save(plt, fig, path)

@@ -23,6 +23,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from visionzoo.errors import DataError, MissingDependencyError, NotFoundError
+
 __all__ = ["DataSplits", "DataWarning", "ImageDataset", "load_data", "make_loaders", "read_idx"]
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -105,7 +107,7 @@ def to_tensor(img: Image.Image) -> Tensor:
 
 def resampling(interpolation: str) -> Image.Resampling:
     if interpolation not in _RESAMPLE:
-        raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
+        raise DataError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
     return _RESAMPLE[interpolation]
 
 
@@ -126,7 +128,7 @@ class EvalResize:
 
     def __init__(self, size: int, crop_pct: float = 0.875, interpolation: str = "bicubic") -> None:
         if not 0 < crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+            raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
         self.size, self.crop_pct, self.resample = size, crop_pct, resampling(interpolation)
 
     def __call__(self, img: Image.Image) -> Tensor:
@@ -142,14 +144,14 @@ class EvalResize:
 # --- helpers -------------------------------------------------------------------------------------------------
 def _mode(in_chans: int) -> str:
     if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 (grey) or 3 (RGB) for image data, got {in_chans}")
+        raise DataError(f"in_chans must be 1 (grey) or 3 (RGB) for image data, got {in_chans}")
     return "L" if in_chans == 1 else "RGB"
 
 
 def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded per-class split of indices into (train, val); each class keeps at least one training image."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_split must be between 0 and 1 (exclusive), got {val_fraction}")
+        raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_fraction}")
     rng = np.random.default_rng(seed)
     targets = np.asarray(targets)
     train, val = [], []
@@ -165,7 +167,7 @@ def _limit(ds: ImageDataset, n: int | None, seed: int) -> ImageDataset:
     if n is None or n >= len(ds):
         return ds
     if n < 1:
-        raise ValueError(f"limit must be >= 1, got {n}")
+        raise DataError(f"limit must be >= 1, got {n}")
     idx = np.random.default_rng(seed).permutation(len(ds))[:n]
     return ds.subset(sorted(idx.tolist()))
 
@@ -181,7 +183,7 @@ def _digits(in_chans: int, val_split: float, seed: int) -> DataSplits:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise ImportError("--data digits needs scikit-learn: pip install 'visionzoo[train]'") from e
+        raise MissingDependencyError("--data digits needs scikit-learn: pip install 'visionzoo[train]'") from e
     d = load_digits()
     images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
     classes = [str(c) for c in d.target_names]
@@ -197,13 +199,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (bad magic number {data[:4].hex()})")
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number {data[:4].hex()})")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: IDX header says {dims} ({int(np.prod(dims))} bytes) but the file holds "
-                         f"{body.size}; the file is truncated, download it again")
+        raise DataError(f"{path}: IDX header says {dims} ({int(np.prod(dims))} bytes) but the file holds "
+                        f"{body.size}; the file is truncated, download it again")
     return body.reshape(dims)
 
 
@@ -211,23 +213,23 @@ def _find_idx(root: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
         if (root / name).is_file():
             return root / name
-    raise FileNotFoundError(f"fashion-mnist: {stem}[.gz] not found in {root}; install Debian's "
-                            f"dataset-fashion-mnist package (files in {FASHION_MNIST_DIR}) or pass --data-dir "
-                            f"with the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                            f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)")
+    raise NotFoundError(f"fashion-mnist: {stem}[.gz] not found in {root}; install Debian's "
+                        f"dataset-fashion-mnist package (files in {FASHION_MNIST_DIR}) or pass --data-dir "
+                        f"with the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                        f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)")
 
 
 def _fashion_mnist(data_dir: str | None, in_chans: int) -> DataSplits:
     root = Path(data_dir or FASHION_MNIST_DIR)
     if not root.is_dir():
-        raise FileNotFoundError(f"fashion-mnist: folder {str(root)!r} does not exist; install Debian's "
-                                f"dataset-fashion-mnist package or pass --data-dir")
+        raise NotFoundError(f"fashion-mnist: folder {str(root)!r} does not exist; install Debian's "
+                            f"dataset-fashion-mnist package or pass --data-dir")
     parts = []
     for split in ("train", "t10k"):
         x = read_idx(_find_idx(root, f"{split}-images-idx3-ubyte"))
         y = read_idx(_find_idx(root, f"{split}-labels-idx1-ubyte"))
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(f"fashion-mnist: {split} images {x.shape} and labels {y.shape} do not match")
+            raise DataError(f"fashion-mnist: {split} images {x.shape} and labels {y.shape} do not match")
         parts.append((x, y))
     n_cls = int(max(parts[0][1].max(), parts[1][1].max())) + 1
     classes = list(FASHION_MNIST_CLASSES) if n_cls <= 10 else [str(i) for i in range(n_cls)]
@@ -262,12 +264,12 @@ def _scan(samples: list[Any], targets: list[int], mode: str, label: Callable[[An
 
 def _class_dirs(root: Path, what: str) -> list[str]:
     if not root.is_dir():
-        raise FileNotFoundError(f"{what}: folder {str(root)!r} does not exist; --data folder:PATH needs PATH with "
-                                f"one sub-folder per class (or train/ and val/ sub-folders, each with class folders)")
+        raise NotFoundError(f"{what}: folder {str(root)!r} does not exist; --data folder:PATH needs PATH with "
+                            f"one sub-folder per class (or train/ and val/ sub-folders, each with class folders)")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise ValueError(f"{what}: {str(root)!r} has no class sub-folders; put each class's images in "
-                         f"{root}/<class name>/")
+        raise DataError(f"{what}: {str(root)!r} has no class sub-folders; put each class's images in "
+                        f"{root}/<class name>/")
     return classes
 
 
@@ -287,8 +289,8 @@ def _check_classes(what: str, classes: list[str], *splits: tuple[str, list[int]]
         counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(classes))
         empty = [classes[i] for i in np.flatnonzero(counts == 0)]
         if empty:
-            raise ValueError(f"{what}: class(es) {empty} have no readable images in the {split} split; add images "
-                             f"or remove those folders")
+            raise DataError(f"{what}: class(es) {empty} have no readable images in the {split} split; add images "
+                            f"or remove those folders")
 
 
 def _finish(name: str, classes: list[str], in_chans: int, load: Callable[[Any], Image.Image], label: Callable,
@@ -323,8 +325,8 @@ def _folder(path: str, in_chans: int, val_split: float, seed: int) -> DataSplits
         val_classes = _class_dirs(root / "val", what)
         if classes != val_classes:
             only_t, only_v = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
-            raise ValueError(f"{what}: train/ and val/ have different class folders (only in train: {only_t}, only "
-                             f"in val: {only_v}); give both the same class sub-folders")
+            raise DataError(f"{what}: train/ and val/ have different class folders (only in train: {only_t}, only "
+                            f"in val: {only_v}); give both the same class sub-folders")
         train, val = _folder_items(root / "train", classes), _folder_items(root / "val", classes)
     else:
         classes = _class_dirs(root, what)
@@ -336,15 +338,16 @@ def _hf(name: str, data_dir: str | None, in_chans: int, val_split: float, seed: 
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(f"--data hf:{name} needs Hugging Face datasets: pip install 'visionzoo[hf]'") from e
+        raise MissingDependencyError(f"--data hf:{name} needs Hugging Face datasets: "
+                                     f"pip install 'visionzoo[hf]'") from e
     ds = datasets.load_dataset(name, data_dir=data_dir)
     if not isinstance(ds, datasets.DatasetDict) or "train" not in ds:
-        raise ValueError(f"hf:{name}: expected a dataset with a 'train' split, got {list(ds)}")
+        raise DataError(f"hf:{name}: expected a dataset with a 'train' split, got {list(ds)}")
     feats = ds["train"].features
     img_col = next((k for k, f in feats.items() if isinstance(f, datasets.Image)), None)
     lab_col = next((k for k, f in feats.items() if isinstance(f, datasets.ClassLabel)), None)
     if img_col is None or lab_col is None:
-        raise ValueError(f"hf:{name}: needs an Image column and a ClassLabel column, got features {dict(feats)}")
+        raise DataError(f"hf:{name}: needs an Image column and a ClassLabel column, got features {dict(feats)}")
     classes = list(feats[lab_col].names)
     mode = _mode(in_chans)
 
@@ -374,7 +377,7 @@ def load_data(spec: str = "digits", data_dir: str | None = None, in_chans: int |
     elif spec.startswith("hf:") and len(spec) > 3:
         splits = _hf(spec[3:], data_dir, in_chans or 3, val_split, seed)
     else:
-        raise ValueError(f"--data must be one of {', '.join(SOURCES)}, got {spec!r}")
+        raise DataError(f"--data must be one of {', '.join(SOURCES)}, got {spec!r}")
     splits.train, splits.val = _limit(splits.train, limit_train, seed), _limit(splits.val, limit_val, seed + 1)
     return splits
 
@@ -403,12 +406,12 @@ def make_loaders(splits: DataSplits, img_size: int, batch_size: int, *, eval_bat
     ``crop_pct`` and ``interpolation`` and is sharded without padding.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
     splits.train.set_transform(TrainResize(img_size, interpolation))
     splits.val.set_transform(EvalResize(img_size, crop_pct, interpolation))
     per_rank = len(splits.train) // world
     if per_rank < 1:
-        raise ValueError(f"the training set has {len(splits.train)} images, fewer than the {world} processes")
+        raise DataError(f"the training set has {len(splits.train)} images, fewer than the {world} processes")
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     g = torch.Generator().manual_seed(seed)
     train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, num_workers=workers,

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from visionzoo.errors import ArgumentError, NotFoundError
 from visionzoo.train.augment import channel_stats
 from visionzoo.train.data import DataSplits, make_loaders
 from visionzoo.train.loop import TRAIN_FORMAT, evaluate
@@ -36,19 +36,22 @@ def load_trained(path: str | Path, name: str | None = None, *, num_classes: int 
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise NotFoundError(f"checkpoint {str(path)!r} does not exist")
     state: dict[str, Any] | None = None
     if path.suffix != ".safetensors":
+        from visionzoo.errors import CheckpointError
+        from visionzoo.weights import _torch_load
+
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001  (weights.read below raises the explanatory error)
+            obj = _torch_load(path)
+        except CheckpointError:  # weights.read below raises the explanatory error
             obj = None
         if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT:
             state = obj
     if state is not None:
         variant, args, meta = state["variant"], state["args"], {k: state[k] for k in ("classes", "input_size")}
         if ema and state.get("ema") is None:
-            raise ValueError(f"{path}: --ema asked for, but the run was trained without EMA")
+            raise ArgumentError(f"{path}: --ema asked for, but the run was trained without EMA")
         weights = state["ema"]["module"] if ema else state["model"]
     else:
         weights, meta = read(path)
@@ -58,12 +61,12 @@ def load_trained(path: str | Path, name: str | None = None, *, num_classes: int 
         if "input_size" in meta:
             meta["input_size"] = int(meta["input_size"])
     if variant is not None and name is not None and name != variant:
-        raise ValueError(f"--model {name!r} does not match the checkpoint, which holds {variant!r}; drop --model or "
-                         f"pass --model {variant}")
+        raise ArgumentError(f"--model {name!r} does not match the checkpoint, which holds {variant!r}; drop --model or "
+                            f"pass --model {variant}")
     if variant is not None:
         model = create_model(variant, **_plain_args(args))
     elif name is None:
-        raise ValueError(f"{path} does not record its model; pass --model NAME")
+        raise ArgumentError(f"{path} does not record its model; pass --model NAME")
     else:
         model = create_model(name, num_classes=num_classes or 1000, in_chans=in_chans or 3, img_size=img_size)
     load_checkpoint(model, weights)
@@ -77,11 +80,11 @@ def eval_checkpoint(model: nn.Module, splits: DataSplits, meta: dict[str, Any], 
     """Top-1/top-5/loss/per-class/confusion of ``model`` on the validation split, preprocessed as in training."""
     classes = meta.get("classes")
     if classes is not None and list(classes) != list(splits.classes):
-        raise ValueError(f"the checkpoint was trained on classes {classes[:10]}, the data has "
-                         f"{splits.classes[:10]}; evaluate on the same dataset (and class folders)")
+        raise ArgumentError(f"the checkpoint was trained on classes {classes[:10]}, the data has "
+                            f"{splits.classes[:10]}; evaluate on the same dataset (and class folders)")
     if model.num_classes != splits.num_classes:
-        raise ValueError(f"the model has {model.num_classes} classes, the data {splits.num_classes}; pass the "
-                         f"dataset the model was trained on")
+        raise ArgumentError(f"the model has {model.num_classes} classes, the data {splits.num_classes}; pass the "
+                            f"dataset the model was trained on")
     dc = model.data_config
     size = dc["input_size"][-1]
     _, val = make_loaders(splits, size, batch_size, crop_pct=crop_pct or dc["crop_pct"],

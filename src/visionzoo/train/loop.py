@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError, NotFoundError, TrainingDivergedError
 from visionzoo.train.augment import AugConfig, Normalize, TrainAugment, channel_stats, soft_cross_entropy
 from visionzoo.train.data import DataSplits, make_loaders
 from visionzoo.train.dist import DistInfo, all_gather_objects, barrier
@@ -30,8 +31,8 @@ from visionzoo.train.metrics import EvalMetrics, MetricAccumulator, plot_history
 from visionzoo.train.optim import SAM, create_optimizer
 from visionzoo.train.sched import CosineWarmup
 
-__all__ = ["FitResult", "ModelEma", "TrainConfig", "build_model", "evaluate", "fit", "load_train_state",
-           "seed_everything"]
+__all__ = ["FitResult", "ModelEma", "TrainConfig", "TrainingInterrupted", "build_model", "evaluate", "fit",
+           "load_train_state", "seed_everything"]
 
 TRAIN_FORMAT = "visionzoo-train"
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,23 +72,44 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         for k in ("epochs", "batch_size", "accum_steps"):
             if int(getattr(self, k)) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+                raise ArgumentError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not self.lr > 0:
+            raise ArgumentError(f"lr must be > 0, got {self.lr}")
         if self.amp not in AMP:
-            raise ValueError(f"amp must be one of {tuple(AMP)}, got {self.amp!r}")
+            raise ArgumentError(f"amp must be one of {tuple(AMP)}, got {self.amp!r}")
         if self.sam and self.accum_steps > 1:
-            raise ValueError("sam takes two forward/backward passes per step; use it with accum_steps=1")
+            raise ArgumentError("sam takes two forward/backward passes per step; use it with accum_steps=1")
         if self.sam and self.amp == "fp16":
-            raise ValueError("sam with amp='fp16' (a gradient scaler) is not supported; use amp='bf16' or 'none'")
+            raise ArgumentError("sam with amp='fp16' (a gradient scaler) is not supported; use amp='bf16' or 'none'")
         if self.clip_grad is not None and self.clip_grad <= 0:
-            raise ValueError(f"clip_grad must be > 0 (or None), got {self.clip_grad}")
+            raise ArgumentError(f"clip_grad must be > 0 (or None), got {self.clip_grad}")
         if not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+            raise ArgumentError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+            raise ArgumentError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
         if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
+            raise ArgumentError(f"stop_after must be >= 1, got {self.stop_after}")
         self.aug.validate()
         return self
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``fit``: the epoch that was running and the one the last ``latest.pt`` holds (if any)."""
+
+    def __init__(self, epoch: int, saved_epoch: int | None, checkpoint: Path | None) -> None:
+        self.epoch, self.saved_epoch, self.checkpoint = epoch, saved_epoch, checkpoint
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        if self.epoch == 0:
+            return "interrupted before training started; nothing was written"
+        if self.saved_epoch and self.checkpoint is not None:
+            return (f"interrupted in epoch {self.epoch}; the last complete checkpoint is epoch {self.saved_epoch} "
+                    f"({self.checkpoint}); continue with the same command and --resume auto")
+        if self.checkpoint is None:
+            return f"interrupted in epoch {self.epoch}; no checkpoint is written without an output folder"
+        return f"interrupted in epoch {self.epoch}, before any epoch was complete; nothing to resume, start again"
 
 
 @dataclass
@@ -161,11 +183,13 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     """Read a ``latest.pt`` written by ``fit`` (``weights_only=True``: it never runs code)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise NotFoundError(f"checkpoint {str(path)!r} does not exist")
+    from visionzoo.weights import _torch_load  # our one-line errors for empty, truncated or code-running files
+
+    state = _torch_load(path)
     if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a training checkpoint written by visionzoo train "
-                         f"(format {TRAIN_FORMAT!r}); to start from weights, pass them as the model's checkpoint")
+        raise ArgumentError(f"{str(path)!r} is not a training checkpoint written by visionzoo train "
+                            f"(format {TRAIN_FORMAT!r}); to start from weights, pass them as the model's checkpoint")
     return state
 
 
@@ -212,16 +236,16 @@ class _Trainer:
         lo, mult = getattr(base, "min_input_size", 1), getattr(base, "input_multiple", 1)
         if self.img_size < lo or self.img_size % mult:
             ok = max(lo, -(-self.img_size // mult) * mult)
-            raise ValueError(f"{getattr(base, 'name', type(base).__name__)}: input size {self.img_size} must be at "
-                             f"least {lo} and a multiple of {mult}; use img_size={ok}")
+            raise ArgumentError(f"{getattr(base, 'name', type(base).__name__)}: input size {self.img_size} must be at "
+                                f"least {lo} and a multiple of {mult}; use img_size={ok}")
         self.mean, self.std = channel_stats(dc.get("mean", (0.5,) * 3), dc.get("std", (0.5,) * 3), base.in_chans)
         if base.in_chans != splits.in_chans:
-            raise ValueError(f"the model takes in_chans={base.in_chans} but the data has {splits.in_chans} channels; "
-                             f"build the model with in_chans={splits.in_chans} or load the data with "
-                             f"in_chans={base.in_chans}")
+            raise ArgumentError(f"the model takes in_chans={base.in_chans} but the data has {splits.in_chans} "
+                                f"channels; build the model with in_chans={splits.in_chans} or load the data with "
+                                f"in_chans={base.in_chans}")
         if base.num_classes != splits.num_classes:
-            raise ValueError(f"the model has num_classes={base.num_classes} but the data {splits.num_classes} "
-                             f"classes; build it with num_classes={splits.num_classes}")
+            raise ArgumentError(f"the model has num_classes={base.num_classes} but the data {splits.num_classes} "
+                                f"classes; build it with num_classes={splits.num_classes}")
         self.train_loader, self.val_loader = make_loaders(
             splits, self.img_size, cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
             crop_pct=cfg.crop_pct or dc.get("crop_pct", 0.875), interpolation=dc.get("interpolation", "bicubic"),
@@ -258,13 +282,13 @@ class _Trainer:
     def load(self, state: dict[str, Any]) -> None:
         name = getattr(self.base, "variant", (None,))[0]
         if name is not None and state.get("variant") != name:
-            raise ValueError(f"resume: the checkpoint is for {state.get('variant')!r}, the model is {name!r}")
+            raise ArgumentError(f"resume: the checkpoint is for {state.get('variant')!r}, the model is {name!r}")
         self.base.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.ema is not None:
             if state.get("ema") is None:
-                raise ValueError("resume: the checkpoint has no EMA weights; resume without --ema or start afresh")
+                raise ArgumentError("resume: the checkpoint has no EMA weights; resume without --ema or start afresh")
             self.ema.load_state_dict(state["ema"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -333,8 +357,8 @@ class _Trainer:
             progress.remove_task(task)
         m = acc.reduce().result()
         if not math.isfinite(m.loss):
-            raise FloatingPointError(f"the training loss is {m.loss} in epoch {self.epoch + 1}; lower --lr or "
-                                     f"use --clip-grad")
+            raise TrainingDivergedError(f"the training loss is {m.loss} in epoch {self.epoch + 1}; lower --lr or "
+                                        f"use --clip-grad")
         return m.loss, m.top1
 
     def evaluate(self, model: nn.Module) -> EvalMetrics:
@@ -381,6 +405,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic version only warn
             torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=not d.device.startswith("cpu"))
+    running, saved = 0, None  # the epoch in progress; the epoch the latest.pt on disk holds
     try:
         seed_everything(cfg.seed + d.rank)
         tr = _Trainer(model, splits, cfg, out, d, say)
@@ -392,8 +417,10 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
         t_start = time.perf_counter()
         ran = 0
         metrics = ema_metrics = None
+        saved = tr.epoch if resume is not None else None  # the epoch the latest.pt on disk holds
         with _progress(cfg.progress and d.is_main) as progress:
             while tr.epoch < cfg.epochs and (cfg.stop_after is None or ran < cfg.stop_after):
+                running = tr.epoch + 1
                 t0 = time.perf_counter()
                 train_loss, train_acc = tr.train_epoch(progress)
                 metrics = tr.evaluate(tr.base)
@@ -408,6 +435,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
                 tr.epoch += 1
                 ran += 1
                 tr.write_epoch()
+                saved = tr.epoch if out is not None else None
                 say(f"epoch {row['epoch']}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {metrics.loss:.4f}  "
                     f"top-1 {metrics.top1:.2f}%" + (f"  EMA {ema_metrics.top1:.2f}%" if ema_metrics else "")
                     + f"  ({row['epoch_time_s']:.1f} s)")
@@ -418,6 +446,8 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
         files = _finish(tr, out) if d.is_main and out is not None and tr.epoch >= cfg.epochs else {}
         barrier()
         return FitResult(tr.history, metrics, ema_metrics, out, train_time, files)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(running, saved, out / "latest.pt" if out is not None else None) from None
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
 

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from visionzoo.errors import ArgumentError
+
 __all__ = ["EvalMetrics", "MetricAccumulator", "plot_confusion", "plot_history", "write_csv"]
 
 MAX_CONFUSION_CLASSES = 20
@@ -126,7 +128,7 @@ def plot_confusion(m: EvalMetrics, path: str | os.PathLike, title: str = "") -> 
     """The confusion matrix as a heat map with counts (at most ``MAX_CONFUSION_CLASSES`` classes)."""
     k = len(m.confusion)
     if k > MAX_CONFUSION_CLASSES:
-        raise ValueError(f"plot_confusion draws up to {MAX_CONFUSION_CLASSES} classes, got {k}")
+        raise ArgumentError(f"plot_confusion draws up to {MAX_CONFUSION_CLASSES} classes, got {k}")
     names = m.classes or [str(i) for i in range(k)]
     side = 2.5 + 0.45 * k
     plt, fig, (ax,) = _figure(1, side + 1, side)

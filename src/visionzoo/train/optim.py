@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError
+
 __all__ = ["SAM", "create_optimizer", "layer_ids", "param_groups"]
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -36,7 +38,7 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     model = _unwrap(model)
     infos = getattr(model, "stage_info", None) or getattr(model, "feature_info", None)
     if not infos:
-        raise ValueError(f"layer_ids: {type(model).__name__} has no stage_info/feature_info to read stages from")
+        raise ArgumentError(f"layer_ids: {type(model).__name__} has no stage_info/feature_info to read stages from")
     stages = [f.module for f in infos]
     names = [n for n, _ in model.named_parameters()]
     blocks_in: list[int] = [1] * len(stages)
@@ -50,7 +52,7 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
                 blocks_in[s] = max(blocks_in[s], j + 1)
                 break
     if not place:
-        raise ValueError(f"layer_ids: no parameter of {type(model).__name__} lies under its stages {stages}")
+        raise ArgumentError(f"layer_ids: no parameter of {type(model).__name__} lies under its stages {stages}")
     offset = [1 + sum(blocks_in[:s]) for s in range(len(stages))]
     last = 1 + sum(blocks_in)
     ids: dict[str, int] = {}
@@ -75,7 +77,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     model = _unwrap(model)
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     if layer_decay is not None and not 0 < layer_decay <= 1:
-        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        raise ArgumentError(f"layer_decay must be in (0, 1], got {layer_decay}")
     ids, n_layers = layer_ids(model) if layer_decay is not None else ({}, 1)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for n, p in model.named_parameters():
@@ -102,7 +104,7 @@ class SAM:
 
     def __init__(self, base: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = False) -> None:
         if rho <= 0:
-            raise ValueError(f"SAM: rho must be > 0, got {rho}")
+            raise ArgumentError(f"SAM: rho must be > 0, got {rho}")
         self.base, self.rho, self.adaptive = base, rho, adaptive
         self.param_groups = base.param_groups
         self._e: dict[Tensor, Tensor] = {}
@@ -159,11 +161,11 @@ def create_optimizer(model: nn.Module | Iterable[dict[str, Any]], opt: str = "ad
                      ) -> torch.optim.Optimizer | SAM:
     """AdamW or SGD (Nesterov) over ``param_groups(model, ...)``, wrapped in ``SAM`` when ``sam=True``."""
     if opt not in OPTIMIZERS:
-        raise ValueError(f"opt must be one of {OPTIMIZERS}, got {opt!r}")
+        raise ArgumentError(f"opt must be one of {OPTIMIZERS}, got {opt!r}")
     if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+        raise ArgumentError(f"lr must be > 0, got {lr}")
     if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        raise ArgumentError(f"weight_decay must be >= 0, got {weight_decay}")
     groups = param_groups(model, weight_decay, layer_decay) if isinstance(model, nn.Module) else list(model)
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)

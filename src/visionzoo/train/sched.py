@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from visionzoo.errors import ArgumentError
+
 __all__ = ["CosineWarmup"]
 
 
@@ -17,11 +19,11 @@ class CosineWarmup:
     def __init__(self, optimizer: Any, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0,
                  warmup_lr: float = 0.0) -> None:
         if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+            raise ArgumentError(f"total_steps must be >= 1, got {total_steps}")
         if not 0 <= warmup_steps <= total_steps:
-            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+            raise ArgumentError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
         if min_lr < 0 or min_lr > base_lr:
-            raise ValueError(f"min_lr must be in [0, lr={base_lr}], got {min_lr}")
+            raise ArgumentError(f"min_lr must be in [0, lr={base_lr}], got {min_lr}")
         self.optimizer, self.total_steps, self.warmup_steps = optimizer, total_steps, warmup_steps
         self.base_lr, self.min_lr, self.warmup_lr = base_lr, min_lr, warmup_lr
         self.last_step = 0
