@@ -16,6 +16,7 @@ def _to_official(state: dict) -> dict:
     """Our (timm) keys -> whai362/PVT's, written independently of ``remap``."""
     out = {}
     for k, v in state.items():
+        k = k.replace("head.fc.", "head.")
         k = k.replace("mlp.dwconv.", "mlp.dwconv.dwconv.")
         k = re.sub(r"^patch_embed\.", "patch_embed1.", k)
         k = re.sub(r"^stages\.(\d)\.downsample\.", lambda m: f"patch_embed{int(m[1]) + 1}.", k)
@@ -31,10 +32,12 @@ def test_remap_round_trip_and_timm_keys_untouched():
     state = model.state_dict()
     official = _to_official(state)
     assert "block1.0.mlp.dwconv.dwconv.weight" in official and "norm4.weight" in official
-    assert "patch_embed2.proj.weight" in official
+    assert "patch_embed2.proj.weight" in official and "head.weight" in official
     back = PyramidVisionTransformerV2.remap(official)
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
-    assert PyramidVisionTransformerV2.remap(state).keys() == state.keys()
+    assert PyramidVisionTransformerV2.remap(state).keys() == state.keys()  # ours: unchanged
+    timm = {k.replace("head.fc.", "head."): v for k, v in state.items()}
+    assert PyramidVisionTransformerV2.remap(timm).keys() == state.keys()  # timm's head.weight -> head.fc.weight
     again = visionzoo.create_model("pvt_v2_test", num_classes=5, linear=True)
     assert visionzoo.load_checkpoint(again, official) == "official"
 

@@ -12,11 +12,12 @@ class SpatialReductionAttention(nn.Module):
     The reduction is a strided ``sr_ratio`` x ``sr_ratio`` conv and a LayerNorm (PVT v1, v2); with ``linear=True``
     it is PVT v2's linear SRA instead: average-pool to a fixed 7x7 grid, 1x1 conv, LayerNorm, GELU. With
     ``sr_ratio=1`` (and not linear) keys and values come from all tokens, as in plain attention. State-dict keys
-    (``q``, ``kv``, ``sr``, ``norm``, ``proj``) are those of the official code and of timm.
+    (``q``, ``kv``, ``sr``, ``norm``, ``proj``) are those of the official code and of timm. ``prefix_tokens``: tokens
+    ahead of the map's ``H * W`` tokens (PVT v1's class token in its last stage, where keys are not reduced).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, sr_ratio: int = 1, linear: bool = False, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, pool_size: int = 7) -> None:
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, pool_size: int = 7, prefix_tokens: int = 0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"spatial-reduction attention: dim {dim} must be divisible by num_heads {num_heads}")
@@ -28,7 +29,7 @@ class SpatialReductionAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.core = AttentionCore()
+        self.core = AttentionCore(prefix_tokens)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         # NOTE: the reduction's LayerNorm keeps torch's default eps 1e-5 in the official code and in timm
@@ -51,7 +52,8 @@ class SpatialReductionAttention(nn.Module):
         return self.act(x) if self.act is not None else x
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        """``x``: tokens ``(B, N, C)`` of an ``(H, W)`` map, ``N == H * W`` whenever keys are reduced."""
+        """``x``: tokens ``(B, N, C)`` of an ``(H, W)`` map (after ``prefix_tokens`` others), ``N == H * W`` whenever
+        keys are reduced."""
         B, N, C = x.shape
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # -> (B, h, N, d)
         kv = self.kv(self.reduce(x, size) if self.reduces else x)

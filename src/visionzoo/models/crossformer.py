@@ -13,20 +13,33 @@ to a multiple of G (SDA) or of I (LDA, whose groups then are (H_pad / I) x (W_pa
 out as keys and crops them again; a map whose shorter side is at most G is one SDA group of that side.
 
 Follows cheerss/CrossFormer (MIT) ``models/crossformer.py`` at commit f20000d (the v1 code; the repository's HEAD is
-CrossFormer++) and keeps its state-dict keys (``patch_embed.projs``, ``layers.i.blocks``, ``layers.i.downsample``
-at the end of stages 0-2, ``norm``, ``head``). Its checkpoints also store the DPB offset and index tables as
-buffers, which we build on the fly; ``CrossFormer.remap`` drops them.
+CrossFormer++). Our stage i (``stages.i``) is the merge into it (``downsample``, the official ``layers.{i-1}.
+downsample`` at the end of the previous stage), then its ``blocks``; with ``patch_embed.projs``, ``norm`` and the
+classifier ``head.fc``. ``CrossFormer.remap`` translates the official keys (``layers.i.blocks``,
+``layers.i.downsample``, ``head``); the official checkpoints also store the DPB offset and index tables as buffers,
+which we build on the fly for every group shape, so remap drops them.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo
-from visionzoo.layers import DropPath, LayerType, Mlp, drop_path_rates, get_norm, init_linear
+from visionzoo.layers import (
+    AttentionCore,
+    DropPath,
+    LayerType,
+    Mlp,
+    drop_path_rates,
+    get_norm,
+    init_linear,
+    is_tracing,
+    trace_leaf,
+)
 from visionzoo.registry import Paper, Variant, register_family
 
 __all__ = ["CrossFormer"]
@@ -37,16 +50,90 @@ def split_dims(dim: int, n: int) -> list[int]:
     return [dim // 2 ** (i + 1) for i in range(n - 1)] + [dim // 2 ** (n - 1)]
 
 
-def relative_offsets(gh: int, gw: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """All relative offsets of a ``gh x gw`` group, ``((2gh-1)(2gw-1), 2)`` floats, and the ``(N, N)`` index of
-    each (query, key) pair's offset into them."""
-    dh = torch.arange(1 - gh, gh, device=device)
-    dw = torch.arange(1 - gw, gw, device=device)
-    offsets = torch.stack(torch.meshgrid(dh, dw, indexing="ij")).flatten(1).t().float()  # -> (M, 2)
+def relative_offsets(gh: int, gw: int, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """All relative offsets of a ``gh x gw`` group, ``((2gh-1)(2gw-1), 2)`` in ``dtype`` (the default float dtype
+    when None), and the ``(N, N)`` index of each (query, key) pair's offset into them."""
+    dh = torch.arange(1 - gh, gh, device=device, dtype=dtype or torch.get_default_dtype())
+    dw = torch.arange(1 - gw, gw, device=device, dtype=dtype or torch.get_default_dtype())
+    offsets = torch.stack(torch.meshgrid(dh, dw, indexing="ij")).flatten(1).t()  # -> (M, 2)
     coords = torch.stack(torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
                                         indexing="ij")).flatten(1)  # (2, N)
     rel = coords[:, :, None] - coords[:, None, :]  # (2, N, 1) - (2, 1, N) -> (2, N, N)
     return offsets, (rel[0] + gh - 1) * (2 * gw - 1) + (rel[1] + gw - 1)
+
+
+def group_layout(H: int, W: int, group_size: int, interval: int, long_distance: bool) -> tuple[bool, int, int, int]:
+    """How an ``H x W`` map is grouped: ``(lda, size, pad_h, pad_w)``. SDA cuts ``size`` x ``size`` tiles, LDA gathers
+    the tokens that agree modulo ``size`` (the interval); a map whose shorter side is at most G is one SDA group of
+    that side; the map is zero-padded at the bottom / right to a multiple of ``size``."""
+    lda, size = long_distance, group_size
+    if min(H, W) <= size:  # one SDA group as large as the shorter side (the whole map when square)
+        lda, size = False, min(H, W)
+    elif lda:
+        size = interval
+    return lda, size, -H % size, -W % size
+
+
+def group_map(x: Tensor, lda: bool, size: int) -> Tensor:
+    """``(B, Hp, Wp, C)`` -> ``(B, a, b, gh, gw, C)``: SDA cuts ``size`` x ``size`` tiles (a x b of them); LDA gathers
+    the tokens whose coordinates agree modulo ``size`` (a = b = size groups)."""
+    B, Hp, Wp, C = x.shape
+    x = x.view(B, Hp // size, size, Wp // size, size, C)
+    return x.permute(0, 2, 4, 1, 3, 5) if lda else x.permute(0, 1, 3, 2, 4, 5)
+
+
+# NOTE: the helpers below look at the concrete map size (grouping, padding, tables); under torch.fx each is one opaque
+# node run on real values, elsewhere a plain call.
+@trace_leaf
+def to_groups(x: Tensor, group_size: int, interval: int, long_distance: bool) -> Tensor:
+    """An NHWC map ``(B, H, W, C)`` -> its zero-padded groups ``(B * nG, gh * gw, C)``."""
+    B, H, W, C = x.shape
+    lda, size, pad_h, pad_w = group_layout(H, W, group_size, interval, long_distance)
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x  # -> (B, Hp, Wp, C)
+    groups = group_map(x, lda, size)  # -> (B, a, b, gh, gw, C)
+    return groups.reshape(-1, groups.shape[3] * groups.shape[4], C)  # -> (B * nG, N, C)
+
+
+@trace_leaf
+def from_groups(groups: Tensor, x: Tensor, group_size: int, interval: int, long_distance: bool) -> Tensor:
+    """Groups ``(B * nG, N, C)`` made by ``to_groups`` from the map ``x`` -> an NHWC map of ``x``'s size (cropped)."""
+    B, H, W, C = x.shape
+    lda, size, pad_h, pad_w = group_layout(H, W, group_size, interval, long_distance)
+    Hp, Wp = H + pad_h, W + pad_w
+    gh, gw = (Hp // size, Wp // size) if lda else (size, size)
+    out = groups.view(B, Hp // gh, Wp // gw, gh, gw, C)
+    perm = (0, 3, 1, 4, 2, 5) if lda else (0, 1, 3, 2, 4, 5)  # back to (B, Hp / .., .., Wp / .., .., C)
+    out = out.permute(perm).reshape(B, Hp, Wp, C)
+    return out[:, :H, :W] if pad_h or pad_w else out
+
+
+@trace_leaf
+def group_tables(x: Tensor, group_size: int, interval: int, long_distance: bool
+                 ) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """For the map ``x``: the group's relative offsets ``(M, 2)`` in ``x``'s dtype and device, the ``(N * N,)``
+    index of each (query, key) pair into them, and the group shape ``(gh, gw)``."""
+    _, H, W, _ = x.shape
+    lda, size, pad_h, pad_w = group_layout(H, W, group_size, interval, long_distance)
+    gh, gw = ((H + pad_h) // size, (W + pad_w) // size) if lda else (size, size)
+    offsets, index = relative_offsets(gh, gw, device=x.device, dtype=x.dtype)
+    return offsets, index.view(-1), (gh, gw)
+
+
+@trace_leaf
+def add_padding_mask(bias: Tensor, x: Tensor, group_size: int, interval: int, long_distance: bool) -> Tensor:
+    """The attention bias ``(1, heads, N, N)`` as it is when the map ``x`` needs no padding; otherwise with the padded
+    keys masked out, per group: ``(B * nG, heads, N, N)``."""
+    B, H, W, _ = x.shape
+    lda, size, pad_h, pad_w = group_layout(H, W, group_size, interval, long_distance)
+    if not (pad_h or pad_w):
+        return bias
+    real = F.pad(x.new_zeros(1, H, W, 1), (0, 0, 0, pad_w, 0, pad_h), value=1.0)  # 1 on padding
+    groups = group_map(real, lda, size)  # -> (1, a, b, gh, gw, 1)
+    nG, N = groups.shape[1] * groups.shape[2], groups.shape[3] * groups.shape[4]
+    mask = groups.reshape(nG, N) * torch.finfo(bias.dtype).min  # -> (nG, N)
+    bias = bias + mask[:, None, None, :]  # -> (nG, heads, N, N)
+    return bias.expand(B, -1, -1, -1, -1).reshape(B * nG, -1, N, N)  # -> (B * nG, heads, N, N)
 
 
 class DynamicPosBias(nn.Module):
@@ -69,7 +156,7 @@ class DynamicPosBias(nn.Module):
 
 
 class CrossFormerAttention(nn.Module):
-    """Multi-head self-attention inside groups, with the dynamic position bias (and a padding mask)."""
+    """Multi-head self-attention inside groups, with the dynamic position bias as the additive bias."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
@@ -78,24 +165,28 @@ class CrossFormerAttention(nn.Module):
         self.pos = DynamicPosBias(dim // 4, num_heads)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
+        self.core = AttentionCore()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, group: tuple[int, int], mask: Tensor | None = None) -> Tensor:
-        """``x``: ``(B * nG, N, C)`` groups of shape ``group``; ``mask``: ``(nG, N)`` additive key mask or None."""
+    def position_bias(self, offsets: Tensor, index: Tensor, N: int) -> Tensor:
+        """The DPB of every (query, key) pair of a group of ``N`` tokens: ``(1, heads, N, N)``."""
+        bias = self.pos(offsets)[index].view(N, N, -1)  # (M, heads) -> (N, N, heads)
+        return bias.permute(2, 0, 1).unsqueeze(0)  # -> (1, heads, N, N)
+
+    def forward(self, x: Tensor, bias: Tensor, group: tuple[int, int] | None = None) -> Tensor:
+        """``x``: ``(B * nG, N, C)`` groups of shape ``group``; ``bias``: broadcastable to ``(B * nG, heads, N, N)``."""
         B_, N, C = x.shape
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B', N, 3, h, d) -> 3 x (B', h, N, d)
-        offsets, index = relative_offsets(*group, device=x.device)
-        bias = self.pos(offsets)[index.view(-1)].view(N, N, -1).permute(2, 0, 1)  # -> (heads, N, N)
-        bias = bias.unsqueeze(0).to(q.dtype)  # -> (1, heads, N, N)
-        if mask is not None:
-            nG = mask.shape[0]
-            bias = bias + mask[:, None, None, :]  # -> (nG, heads, N, N)
-            bias = bias.expand(B_ // nG, -1, -1, -1, -1).reshape(B_, self.num_heads, N, N)  # -> (B', heads, N, N)
         drop = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
-        x = x.transpose(1, 2).reshape(B_, N, C)  # (B', h, N, d) -> (B', N, C)
+        x = self.core(q, k, v, bias.to(q.dtype), dropout_p=drop, grid=group).transpose(1, 2)  # -> (B', N, h, d)
+        if is_tracing():
+            # NOTE: on CPU, SDPA's output layout depends on whether its bias requires grad (flash or math kernel); the
+            # ONNX exporter re-traces with the other answer than torch.export, and a reshape recorded as a view then
+            # fails ("Failed to decompose the FX graph"). An explicit copy fixes the layout; eager skips it.
+            x = x.clone(memory_format=torch.contiguous_format)
+        x = x.reshape(B_, N, C)  # (B', N, h, d) -> (B', N, C)
         return self.proj_drop(self.proj(x))
 
 
@@ -116,33 +207,14 @@ class CrossFormerBlock(nn.Module):
         self.norm2 = norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
 
-    @staticmethod
-    def group(x: Tensor, lda: bool, size: int) -> Tensor:
-        """``(B, Hp, Wp, C)`` -> ``(B, a, b, gh, gw, C)``: SDA cuts ``size`` x ``size`` tiles (a x b of them); LDA
-        gathers the tokens whose coordinates agree modulo ``size`` (a = b = size groups)."""
-        B, Hp, Wp, C = x.shape
-        x = x.view(B, Hp // size, size, Wp // size, size, C)
-        return x.permute(0, 2, 4, 1, 3, 5) if lda else x.permute(0, 1, 3, 2, 4, 5)
-
     def group_attention(self, x: Tensor) -> Tensor:
-        B, H, W, C = x.shape
-        lda, size = self.long_distance, self.group_size
-        if min(H, W) <= size:  # one SDA group as large as the shorter side (the whole map when square)
-            lda, size = False, min(H, W)
-        elif lda:
-            size = self.interval
-        pad_h, pad_w = -H % size, -W % size
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x  # -> (B, Hp, Wp, C)
-        groups = self.group(x, lda, size)  # -> (B, a, b, gh, gw, C)
-        _, a, b, gh, gw, _ = groups.shape
-        mask = None
-        if pad_h or pad_w:
-            real = F.pad(x.new_zeros(1, H, W, 1), (0, 0, 0, pad_w, 0, pad_h), value=1.0)  # 1 on padding
-            mask = self.group(real, lda, size).reshape(a * b, gh * gw) * torch.finfo(x.dtype).min  # -> (nG, N)
-        out = self.attn(groups.reshape(B * a * b, gh * gw, C), (gh, gw), mask)  # -> (B * nG, N, C)
-        out = out.view(B, a, b, gh, gw, C)
-        perm = (0, 3, 1, 4, 2, 5) if lda else (0, 1, 3, 2, 4, 5)  # back to (B, Hp / .., .., Wp / .., .., C)
-        return out.permute(perm).reshape(B, x.shape[1], x.shape[2], C)[:, :H, :W]
+        """Attention inside the (zero-padded) groups of the NHWC map ``x``; padded keys are masked out, padded
+        queries cropped."""
+        layout = (self.group_size, self.interval, self.long_distance)
+        groups = to_groups(x, *layout)  # (B, H, W, C) -> (B * nG, N, C)
+        offsets, index, group = group_tables(x, *layout)
+        bias = add_padding_mask(self.attn.position_bias(offsets, index, groups.shape[1]), x, *layout)
+        return from_groups(self.attn(groups, bias, group), x, *layout)  # -> (B, H, W, C)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.group_attention(self.norm1(x)))
@@ -181,6 +253,29 @@ class CrossFormerMerge(nn.Module):
         return torch.cat([conv(x) for conv in self.reductions], dim=1).permute(0, 2, 3, 1)  # -> (B, H/2, W/2, 2C)
 
 
+class CrossFormerStage(nn.Module):
+    """The cross-scale merge of the previous stage's map (none in the first stage), then alternating SDA / LDA
+    blocks; NHWC in and out."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, group_size: int, interval: int,
+                 merge_size: tuple[int, ...] | None = None, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, drop_path: list[float] | None = None,
+                 act_layer: LayerType = "gelu", norm_layer: LayerType = nn.LayerNorm) -> None:
+        super().__init__()
+        drop_path = drop_path or [0.0] * depth
+        self.downsample = CrossFormerMerge(in_dim, merge_size, norm_layer) if merge_size else None
+        self.blocks = nn.ModuleList([
+            CrossFormerBlock(dim, num_heads, group_size, interval, j % 2 == 1, mlp_ratio, qkv_bias, attn_drop,
+                             proj_drop, drop_path[j], act_layer, norm_layer) for j in range(depth)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)  # (B, H, W, C) -> (B, H/2, W/2, 2C)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 class CrossFormer(Backbone):
     """CrossFormer: a cross-scale patch embedding, then four stages of alternating SDA / LDA blocks.
 
@@ -196,12 +291,12 @@ class CrossFormer(Backbone):
     """
 
     kind = "vit"
+    has_attention = True
     takes_img_size = True
     takes_patch_size = True
     min_input_size = 32
     input_multiple = 32
     first_conv = "patch_embed.projs.0"  # the smallest of the cross-scale kernels; the others are adapted too
-    classifier = "head"
 
     def __init__(self, img_size: int = 224, embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2),
                  num_heads: tuple[int, ...] = (3, 6, 12, 24), group_size: tuple[int, ...] = (7, 7, 7, 7),
@@ -230,33 +325,25 @@ class CrossFormer(Backbone):
         self.min_input_size = self.input_multiple = stride * 2 ** (n - 1)
         self.patch_embed = CrossFormerPatchEmbed(in_chans, embed_dim, tuple(patch_size), norm_layer)
         dpr = drop_path_rates(drop_path_rate, tuple(depths))
-        self.layers = nn.ModuleList()
+        self.stages = nn.ModuleList()
         infos = []
         for i in range(n):
             resolution = img_size // (stride * 2**i)
             interval = max(1, math.ceil(resolution / group_size[i]))
-            layer = nn.Module()  # the official container: blocks, then the merge into the next stage
-            layer.blocks = nn.ModuleList([
-                CrossFormerBlock(dims[i], num_heads[i], group_size[i], interval, j % 2 == 1, mlp_ratio, qkv_bias,
-                                 attn_drop_rate, proj_drop_rate, dpr[i][j], act_layer, norm_layer)
-                for j in range(depths[i])])
-            if i < n - 1:
-                layer.downsample = CrossFormerMerge(dims[i], tuple(merge_size[i]), norm_layer)
-            self.layers.append(layer)
-            infos.append(FeatureInfo(dims[i], stride * 2**i, f"layers.{i}.blocks"))
+            # NOTE: stage i builds its merge before its blocks: the order (and so the seeded init) of the official
+            # code, which builds that merge at the end of stage i - 1
+            self.stages.append(CrossFormerStage(
+                dims[i - 1] if i else embed_dim, dims[i], depths[i], num_heads[i], group_size[i], interval,
+                tuple(merge_size[i - 1]) if i else None, mlp_ratio, qkv_bias, attn_drop_rate, proj_drop_rate, dpr[i],
+                act_layer, norm_layer))
+            infos.append(FeatureInfo(dims[i], stride * 2**i, f"stages.{i}"))
         self.set_feature_info(infos)
         self.norm = get_norm(norm_layer)(dims[-1])
-        self.init_linear_head(dims[-1], num_classes, drop_rate)
+        self.init_head(dims[-1], num_classes, drop_rate)
         self.apply(init_linear)
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.patch_embed(x)  # (B, C, H, W) -> (B, H/4, W/4, embed_dim)
-
-    def stage_modules(self) -> list[nn.Module]:
-        # NOTE: views built per call (merge of stage i-1, then the blocks of stage i), keeping the official keys
-        layers = list(self.layers)
-        return [nn.Sequential(*([prev.downsample] if prev is not None else []), *layer.blocks)
-                for prev, layer in zip([None, *layers[:-1]], layers, strict=True)]
 
     def stage_to_nchw(self, x: Tensor) -> Tensor:
         return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
@@ -264,12 +351,22 @@ class CrossFormer(Backbone):
     def forward_norm(self, x: Tensor) -> Tensor:
         return self.norm(x).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
-
     @staticmethod
     def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Official v1 keys -> ours: the same names, less the persistent DPB tables (``attn.biases``,
-        ``attn.relative_position_index``) that we rebuild for every group shape."""
-        return {k: v for k, v in state_dict.items() if not k.endswith((".attn.biases", ".relative_position_index"))}
+        """Official v1 keys (the pre-seams visionzoo layout too) -> ours; our own keys pass unchanged.
+
+        ``layers.{i}.blocks.*`` -> ``stages.{i}.blocks.*``; ``layers.{i}.downsample.*`` (the merge at the end of
+        stage i) -> ``stages.{i+1}.downsample.*``; ``head.{weight,bias}`` -> ``head.fc.*``; the persistent DPB tables
+        (``attn.biases``, ``attn.relative_position_index``), which we rebuild for every group shape, are dropped.
+        """
+        out = {}
+        for k, v in state_dict.items():
+            if k.endswith((".attn.biases", ".relative_position_index")):
+                continue
+            k = re.sub(r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks.", k)
+            k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.", k)
+            out[re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", k)] = v
+        return out
 
 
 _README = "official README ImageNet-1K table (v1)"

@@ -12,13 +12,15 @@ same way when it is loaded. ``forward_features`` returns the last stage's tokens
 token first, as plain ViTs do; ``forward_intermediates`` gives each stage's map without the class token (which
 still takes part in the last stage's attention).
 
-Follows the official whai362/PVT ``classification/pvt.py`` (Apache-2.0), whose state-dict keys we keep (timm has
-no PVT v1): ``patch_embed{1..4}``, ``pos_embed{1..4}``, ``block{1..4}``, ``norm``, ``cls_token``, ``head``.
+Follows the official whai362/PVT ``classification/pvt.py`` (Apache-2.0); timm has no PVT v1. Each stage is one
+module here (``stages.i``: ``patch_embed``, ``pos_embed``, ``blocks``, and ``cls_token`` in the last), then ``norm``
+and the classifier ``head.fc``; ``PyramidVisionTransformer.remap`` translates the official flat keys
+(``patch_embed{1..4}``, ``pos_embed{1..4}``, ``block{1..4}``, ``cls_token``, ``head``).
 """
 from __future__ import annotations
 
 import math
-from functools import partial
+import re
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +36,57 @@ from visionzoo.layers import (
     get_norm,
     init_linear,
     resample_abs_pos_embed,
+    trace_leaf,
 )
 from visionzoo.registry import Paper, Variant, register_family
 
 __all__ = ["PyramidVisionTransformer"]
+
+
+@trace_leaf
+def stage_pos_embed(pos_embed: Tensor, size: tuple[int, int], grid: tuple[int, int], prefix: int) -> Tensor:
+    """A stage's position table for an ``(H, W)`` map: as it is for its own ``grid``, bilinearly resampled (no
+    antialias, the prefix rows kept) for any other size. One opaque node under FX: it needs the concrete size."""
+    return resample_abs_pos_embed(pos_embed, size, grid, num_prefix_tokens=prefix, interpolation="bilinear",
+                                  antialias=False)
+
+
+class PVTStage(nn.Module):
+    """Patch embedding, the learned position table (and the class token in the last stage), then the blocks of
+    spatial-reduction attention. NCHW in; NCHW out, or ``(map, class token (B, 1, C))`` for the last stage."""
+
+    def __init__(self, img_size: tuple[int, int], patch_size: int, in_dim: int, dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float, sr_ratio: int, class_token: bool = False, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, drop_path: list[float] | None = None,
+                 act_layer: LayerType = "gelu", norm_layer: LayerType = "ln") -> None:
+        super().__init__()
+        drop_path = drop_path or [0.0] * depth
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_dim, dim, norm_layer=nn.LayerNorm, output_fmt="NHWC")
+        self.grid = self.patch_embed.grid_size
+        self.num_prefix_tokens = int(class_token)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + self.num_prefix_tokens, dim))
+        self.pos_drop = nn.Dropout(proj_drop)
+        self.blocks = nn.ModuleList([
+            MapTokenBlock(dim, SpatialReductionAttention(dim, num_heads, sr_ratio, qkv_bias=qkv_bias,
+                                                         attn_drop=attn_drop, proj_drop=proj_drop,
+                                                         prefix_tokens=self.num_prefix_tokens),
+                          mlp_ratio, proj_drop, drop_path[j], act_layer, norm_layer)
+            for j in range(depth)])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        x = self.patch_embed(x)  # (B, C, H, W) -> (B, H', W', C')
+        B, H, W, C = x.shape
+        x = x.reshape(B, H * W, C)  # (B, H', W', C') -> (B, N, C')
+        pos = stage_pos_embed(self.pos_embed, (H, W), self.grid, self.num_prefix_tokens)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # -> (B, 1 + N, C')
+        x = self.pos_drop(x + pos)
+        for block in self.blocks:
+            x = block(x, (H, W))
+        if self.cls_token is None:
+            return x.transpose(1, 2).reshape(B, C, H, W)  # (B, N, C') -> (B, C', H', W')
+        return x[:, 1:].transpose(1, 2).reshape(B, C, H, W), x[:, :1]
 
 
 class PyramidVisionTransformer(LastStageClassTokenMixin, Backbone):
@@ -53,13 +102,13 @@ class PyramidVisionTransformer(LastStageClassTokenMixin, Backbone):
     """
 
     kind = "vit"
+    has_attention = True
     takes_img_size = True
     takes_patch_size = True
     min_input_size = 32
     input_multiple = 32
     no_weight_decay_keys = ("cls_token",)
-    first_conv = "patch_embed1.proj"
-    classifier = "head"
+    first_conv = "stages.0.patch_embed.proj"
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, embed_dims: tuple[int, ...] = (64, 128, 320, 512),
                  depths: tuple[int, ...] = (2, 2, 2, 2), num_heads: tuple[int, ...] = (1, 2, 5, 8),
@@ -81,76 +130,68 @@ class PyramidVisionTransformer(LastStageClassTokenMixin, Backbone):
         self.embed_dim = embed_dims[-1]
         self.min_input_size = self.input_multiple = patch_size * 2 ** (n - 1)
         dpr = drop_path_rates(drop_path_rate, tuple(depths))
-        self.grids: list[tuple[int, int]] = []
+        self.stages = nn.ModuleList()
         infos, in_dim, size = [], in_chans, img_size
         for i, dim in enumerate(embed_dims):
-            embed = PatchEmbed(size, patch_size if i == 0 else 2, in_dim, dim, norm_layer=nn.LayerNorm,
-                               output_fmt="NHWC")
-            grid = embed.grid_size
-            num_pos = grid[0] * grid[1] + (1 if i == n - 1 else 0)
-            setattr(self, f"patch_embed{i + 1}", embed)
-            setattr(self, f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, num_pos, dim)))
-            setattr(self, f"block{i + 1}", nn.ModuleList([
-                MapTokenBlock(dim, SpatialReductionAttention(dim, num_heads[i], sr_ratios[i], qkv_bias=qkv_bias,
-                                                             attn_drop=attn_drop_rate, proj_drop=proj_drop_rate),
-                              mlp_ratios[i], proj_drop_rate, dpr[i][j], act_layer, norm_layer)
-                for j in range(depths[i])]))
-            self.grids.append(grid)
-            infos.append(FeatureInfo(dim, patch_size * 2**i, f"block{i + 1}"))
-            in_dim, size = dim, grid
-        self.pos_drop = nn.Dropout(proj_drop_rate)
+            stage = PVTStage(size, patch_size if i == 0 else 2, in_dim, dim, depths[i], num_heads[i], mlp_ratios[i],
+                             sr_ratios[i], i == n - 1, qkv_bias, attn_drop_rate, proj_drop_rate, dpr[i], act_layer,
+                             norm_layer)
+            self.stages.append(stage)
+            infos.append(FeatureInfo(dim, patch_size * 2**i, f"stages.{i}"))
+            in_dim, size = dim, stage.grid
         self.set_feature_info(infos)
         self.norm = get_norm(norm_layer)(self.embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-        self.init_linear_head(self.embed_dim, num_classes, drop_rate, pool="token")
+        self.init_head(self.embed_dim, num_classes, drop_rate, pool_type="token")
         self._init_tokens()
         self.apply(_init_weights)
 
-    def _init_tokens(self) -> None:
-        if self.cls_token.is_meta:
-            return
-        for i in range(self.num_stages):
-            nn.init.trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        """The token grid of each stage at ``img_size`` (the grids the position tables are made for)."""
+        return [stage.grid for stage in self.stages]
 
-    # --- stages -----------------------------------------------------------------------------------------
-    def forward_stage(self, i: int, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        """Stage ``i``: a map ``(B, C, H, W)`` -> its output map ``(B, C', H', W')``; the last stage returns
-        ``(map, class token (B, 1, C'))``."""
-        x = getattr(self, f"patch_embed{i + 1}")(x)  # (B, C, H, W) -> (B, H', W', C')
-        B, H, W, C = x.shape
-        x = x.reshape(B, H * W, C)  # (B, H', W', C') -> (B, N, C')
-        last = i == self.num_stages - 1
-        pos = resample_abs_pos_embed(getattr(self, f"pos_embed{i + 1}"), (H, W), self.grids[i],
-                                     num_prefix_tokens=int(last), interpolation="bilinear", antialias=False)
-        if last:
-            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # -> (B, 1 + N, C')
-        x = self.pos_drop(x + pos)
-        for block in getattr(self, f"block{i + 1}"):
-            x = block(x, (H, W))
-        if not last:
-            return x.transpose(1, 2).reshape(B, C, H, W)  # (B, N, C') -> (B, C', H', W')
-        return x[:, 1:].transpose(1, 2).reshape(B, C, H, W), x[:, :1]
+    def _init_tokens(self) -> None:
+        last = self.stages[-1]
+        if last.cls_token.is_meta:
+            return
+        for stage in self.stages:
+            nn.init.trunc_normal_(stage.pos_embed, std=0.02)
+        nn.init.trunc_normal_(last.cls_token, std=0.02)
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return x  # every stage embeds its own patches
 
-    def stage_modules(self) -> list:
-        """One callable per stage (the stages' modules sit at the top level, as in the official layout)."""
-        return [partial(self.forward_stage, i) for i in range(self.num_stages)]
-
     # --- checkpoints ------------------------------------------------------------------------------------
+    @staticmethod
+    def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official whai362/PVT keys (the pre-seams visionzoo layout too) -> ours; our own keys pass unchanged.
+
+        ``patch_embed{i}.*``, ``pos_embed{i}``, ``block{i}.*`` -> ``stages.{i-1}.patch_embed.*``, ``.pos_embed``,
+        ``.blocks.*``; ``cls_token`` -> ``stages.{last}.cls_token``; ``head.{weight,bias}`` -> ``head.fc.*``.
+        """
+        numbers = [int(m[1]) for k in state_dict if (m := re.match(r"^(?:patch_embed|pos_embed|block)(\d+)", k))]
+        out = {}
+        for k, v in state_dict.items():
+            k = re.sub(r"^patch_embed(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.patch_embed.", k)
+            k = re.sub(r"^pos_embed(\d+)$", lambda m: f"stages.{int(m[1]) - 1}.pos_embed", k)
+            k = re.sub(r"^block(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.", k)
+            k = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", k)
+            if k == "cls_token" and numbers:
+                k = f"stages.{max(numbers) - 1}.cls_token"
+            out[k] = v
+        return out
+
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resample position tables made for another (square) input size to this model's grids."""
         state_dict = dict(state_dict)
-        for i, grid in enumerate(self.grids):
-            key, prefix = f"pos_embed{i + 1}", int(i == self.num_stages - 1)
+        for i, stage in enumerate(self.stages):
+            key, prefix = f"stages.{i}.pos_embed", stage.num_prefix_tokens
             pos = state_dict.get(key)
-            if pos is None or pos.ndim != 3 or pos.shape == getattr(self, key).shape:
+            if pos is None or pos.ndim != 3 or pos.shape == stage.pos_embed.shape:
                 continue
             side = math.isqrt(pos.shape[1] - prefix)
             if side * side == pos.shape[1] - prefix:
-                state_dict[key] = resample_abs_pos_embed(pos, grid, (side, side), num_prefix_tokens=prefix,
+                state_dict[key] = resample_abs_pos_embed(pos, stage.grid, (side, side), num_prefix_tokens=prefix,
                                                          interpolation="bilinear", antialias=False)
         return state_dict
 

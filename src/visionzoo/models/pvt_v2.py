@@ -10,9 +10,10 @@ Input sizes: there is no position table, so no resampling: any input whose sides
 (the convolutions pad, the spatial reduction strides over maps whose sides it divides; the linear SRA pools to 7x7
 whatever the size).
 
-Follows timm's ``pvt_v2.py`` (Apache-2.0), whose state-dict keys we keep. Checkpoints of the official code
-(whai362/PVT, v2 branch, ``classification/pvt_v2.py``, Apache-2.0), which names its modules ``patch_embed{1..4}``,
-``block{1..4}``, ``norm{1..4}`` and ``mlp.dwconv.dwconv``, load through ``PyramidVisionTransformerV2.remap``.
+Follows timm's ``pvt_v2.py`` (Apache-2.0), whose state-dict keys we keep except the classifier (``head.fc``, the
+library's one head, where timm has ``head``). Checkpoints of timm and of the official code (whai362/PVT, v2 branch,
+``classification/pvt_v2.py``, Apache-2.0), which names its modules ``patch_embed{1..4}``, ``block{1..4}``,
+``norm{1..4}`` and ``mlp.dwconv.dwconv``, load through ``PyramidVisionTransformerV2.remap``.
 """
 from __future__ import annotations
 
@@ -128,10 +129,10 @@ class PyramidVisionTransformerV2(Backbone):
     """
 
     kind = "vit"
+    has_attention = True
     min_input_size = 32
     input_multiple = 32
     first_conv = "patch_embed.proj"
-    classifier = "head"
 
     def __init__(self, embed_dims: tuple[int, ...] = (64, 128, 320, 512), depths: tuple[int, ...] = (3, 4, 6, 3),
                  num_heads: tuple[int, ...] = (1, 2, 5, 8), mlp_ratios: tuple[float, ...] = (8, 8, 4, 4),
@@ -157,7 +158,7 @@ class PyramidVisionTransformerV2(Backbone):
             in_dim = dim
         self.stages = nn.Sequential(*stages)
         self.set_feature_info(infos)
-        self.init_linear_head(embed_dims[-1], num_classes, drop_rate, pool="avg")
+        self.init_head(embed_dims[-1], num_classes, drop_rate)
         self.apply(_init_weights)
 
     def forward_stem(self, x: Tensor) -> Tensor:
@@ -165,9 +166,11 @@ class PyramidVisionTransformerV2(Backbone):
 
     @staticmethod
     def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Official whai362/PVT keys -> ours (= timm's): per-stage prefixes move under ``stages.i``."""
+        """Official whai362/PVT and timm keys -> ours: the official per-stage prefixes move under ``stages.i`` (timm's
+        layout), and the classifier ``head.*`` (both layouts) becomes ``head.fc.*``. Our own keys pass unchanged."""
         out = {}
         for k, v in state_dict.items():
+            k = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", k)
             k = re.sub(r"^patch_embed1\.", "patch_embed.", k)
             k = re.sub(r"^patch_embed(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.downsample.", k)
             k = re.sub(r"^block(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.", k)
