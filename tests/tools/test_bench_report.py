@@ -5,8 +5,8 @@ import pytest
 from rich.console import Console
 
 from visionzoo.bench import plots
-from visionzoo.bench.schema import BenchResult, BenchResults
 from visionzoo.bench.report import CONTENDED, MAX_WIDTH, table
+from visionzoo.bench.schema import BenchResult, BenchResults
 
 LONG = ("deit_small_distilled_patch16_224", "swin_large_patch4_window12_384", "uniformer_small_plus")
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .act import LayerType
 from .norm import get_norm
+from .tracing import is_tracing
 
 Observer = Callable[["AttentionCore", Tensor, "tuple[int, int] | None"], None]
 
@@ -47,7 +48,14 @@ class AttentionCore(nn.Module):
         if self.extra_bias is not None:
             bias = self.extra_bias if bias is None else _add_bias(bias, self.extra_bias)
         if self.fused and self.observer is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+            if bias is not None and is_tracing():
+                # NOTE: on CPU, SDPA's output layout depends on the kernel it picks, and that depends on whether the
+                # bias requires grad (a table computed from parameters does); the ONNX exporter re-traces with the
+                # other answer than torch.export, so a caller's transpose + reshape recorded as a view then fails.
+                # One copy in traced graphs makes the layout the same for every kernel; eager is unchanged.
+                out = out.clone(memory_format=torch.contiguous_format)
+            return out
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         logits = (q * scale) @ k.transpose(-2, -1)  # (..., N_q, d) @ (..., d, N_k) -> (..., N_q, N_k)
         if bias is not None:

@@ -37,7 +37,6 @@ from visionzoo.layers import (
     drop_path_rates,
     get_norm,
     init_linear,
-    is_tracing,
     trace_leaf,
 )
 from visionzoo.registry import Paper, Variant, register_family
@@ -181,11 +180,6 @@ class CrossFormerAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B', N, 3, h, d) -> 3 x (B', h, N, d)
         drop = self.attn_drop if self.training else 0.0
         x = self.core(q, k, v, bias.to(q.dtype), dropout_p=drop, grid=group).transpose(1, 2)  # -> (B', N, h, d)
-        if is_tracing():
-            # NOTE: on CPU, SDPA's output layout depends on whether its bias requires grad (flash or math kernel); the
-            # ONNX exporter re-traces with the other answer than torch.export, and a reshape recorded as a view then
-            # fails ("Failed to decompose the FX graph"). An explicit copy fixes the layout; eager skips it.
-            x = x.clone(memory_format=torch.contiguous_format)
         x = x.reshape(B_, N, C)  # (B', N, h, d) -> (B', N, C)
         return self.proj_drop(self.proj(x))
 

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from visionzoo.backbone import Backbone, FeatureInfo
 from visionzoo.layers import (
     Attention,
-    AttentionCore,
     DropPath,
     LayerType,
     Mlp,
@@ -34,7 +33,6 @@ from visionzoo.layers import (
     fold_bn_into_conv,
     get_act,
     is_meta,
-    is_tracing,
     trace_leaf,
     window_partition,
     window_reverse,
@@ -223,18 +221,6 @@ class MaxViTRelPosBias(nn.Module):
         return bias.view(1, -1, N, N)  # -> (1, heads, N, N)
 
 
-class MaxViTAttentionCore(AttentionCore):
-    """``AttentionCore`` whose output is contiguous in traced graphs (see the note in ``forward``)."""
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, **kw) -> Tensor:
-        x = super().forward(q, k, v, bias, **kw)
-        # NOTE: torch 2.13's ONNX exporter decomposes the graph with SDPA's CPU flash kernel, whose output is laid
-        # out as (B, N, heads, d), and turns the caller's transpose + reshape into a view; later passes run SDPA's
-        # math kernel (a bias computed from a parameter requires grad), whose output is (B, heads, N, d), and that
-        # view fails. A copy in traced graphs only makes the layout the same for every kernel; eager is unchanged.
-        return x.clone(memory_format=torch.contiguous_format) if is_tracing() else x
-
-
 class MaxViTAttention(Attention):
     """Multi-head attention inside each window (or grid group), plus the relative position bias and a key mask."""
 
@@ -242,7 +228,6 @@ class MaxViTAttention(Attention):
                  proj_drop: float = 0.0) -> None:
         super().__init__(dim, dim // dim_head, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
         self.window = window
-        self.core = MaxViTAttentionCore()
         self.rel_pos = MaxViTRelPosBias(window, self.num_heads)
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:

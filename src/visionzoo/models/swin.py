@@ -111,11 +111,6 @@ class SwinWindowAttention(Attention):
         drop = self.attn_drop.p if self.training else 0.0
         x = self.core(q, k, v, bias, scale=self.scale, dropout_p=drop, grid=self.window_size)
         x = x.transpose(1, 2)  # (B*nW, h, N, d) -> (B*nW, N, h, d)
-        if is_tracing():
-            # NOTE: a copy while tracing only. With a bias that needs grad, the ONNX exporter decomposes the attention
-            # into ops whose output strides differ from those torch.export recorded, and the reshape below (a view
-            # in the exported graph) then fails; a contiguous copy makes the view valid either way
-            x = x.clone(memory_format=torch.contiguous_format)
         x = x.reshape(B_, N, -1)  # (B*nW, N, h, d) -> (B*nW, N, h * d)
         return self.proj_drop(self.proj(x))
 

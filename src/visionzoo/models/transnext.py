@@ -315,11 +315,6 @@ class AggregatedAttention(_CosineAttentionBase):
 def merge_heads(x: Tensor) -> Tensor:
     """``(B, h, N, d)`` -> ``(B, N, h * d)``."""
     x = x.transpose(1, 2)  # -> (B, N, h, d)
-    if is_tracing():
-        # NOTE: on CPU, SDPA's output layout depends on whether its bias requires grad (flash or math kernel); the
-        # ONNX exporter re-traces with the other answer than torch.export, and a reshape recorded as a view then
-        # fails ("Failed to decompose the FX graph"). An explicit copy fixes the layout; eager skips it.
-        x = x.clone(memory_format=torch.contiguous_format)
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
