@@ -12,3 +12,11 @@ class ExportError(VisionZooError, RuntimeError):
 
 class BackendUnavailable(VisionZooError, RuntimeError):
     """An inference backend (onnxruntime, openvino, bf16 hardware, ...) is not available here."""
+
+
+class ArgumentError(VisionZooError, ValueError):
+    """An argument value that is not allowed."""
+
+
+class NotFoundError(VisionZooError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
