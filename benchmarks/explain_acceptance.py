@@ -55,6 +55,102 @@ def train(out: Path, epochs: int, n_train: int, n_val: int, only: str | None = N
               f"{res.metrics.top1:.1f}% after {epochs} epochs ({time.perf_counter() - t:.0f} s)", flush=True)
 
 
+def _md(rows: list[dict], title: str) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join([f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                      *["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows], ""])
+
+
+def evaluate(out: Path, args: argparse.Namespace) -> None:
+    from visionzoo.explain import (
+        applicable_methods,
+        deletion_insertion,
+        explain,
+        head_importance,
+        pointing_game,
+        random_maps,
+        random_pointing_baseline,
+        robustness,
+        tokencut,
+    )
+    from visionzoo.explain.attention import attention_maps
+    from visionzoo.explain.plots import plot_grid
+    from visionzoo.explain.robust import markdown, write_report
+    from visionzoo.explain.tokencut import box_iou
+    from visionzoo.train.evaluate import load_trained
+    from visionzoo.train.synthetic import localization_set
+
+    data = localization_set(args.n_eval, 64, seed=1234)  # held out: training used seeds 0 and 1
+    x01 = data.images.float() / 255
+    y = data.labels
+    n_f = min(args.n_faith, len(y))
+    rand_pg = random_pointing_baseline(data.boxes, (64, 64))
+    expl_rows, robust_reports, notes = [], [], []
+    for name, _ in MODELS:
+        ckpt = out / name / "model.safetensors"
+        model, _meta = load_trained(ckpt if ckpt.is_file() else out / name / "latest.pt")
+        model.eval()
+        mean = torch.tensor(model.data_config["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(model.data_config["std"]).view(1, -1, 1, 1)
+        x = (x01 - mean) / std
+        with torch.no_grad():
+            logits = torch.cat([model(x[i:i + 100]) for i in range(0, len(x), 100)])
+        acc = 100.0 * (logits.argmax(1) == y).float().mean().item()
+        print(f"{name}: top-1 {acc:.1f}% on {len(y)} held-out images", flush=True)
+        runs = [(m, None) for m in applicable_methods(model)]
+        if model.kind == "convnet":
+            runs.append(("gradcam", 1))  # the stride-8 stage: the ViT's token grid (patch 8)
+        maps = {}
+        t0 = time.perf_counter()
+        for method, stage in runs:
+            label = method if stage is None else f"{method} @stage {stage}"
+            e = explain(model, x, method, target=y, stage=stage)
+            maps[label] = e.maps
+            pg = pointing_game(e.maps, data.boxes).float().mean().item()
+            auc = deletion_insertion(model, x[:n_f], e.maps[:n_f], y[:n_f], steps=args.steps)
+            expl_rows.append(dict(model=name, method=label, grid=f"{e.grid[0]}x{e.grid[1]}", pointing=100 * pg,
+                                  pointing_random=100 * rand_pg, deletion_auc=auc.deletion.mean().item(),
+                                  insertion_auc=auc.insertion.mean().item()))
+            print(f"  {label:22s} pointing {100 * pg:5.1f}% (random {100 * rand_pg:.1f}%), deletion AUC "
+                  f"{expl_rows[-1]['deletion_auc']:.3f}, insertion AUC {expl_rows[-1]['insertion_auc']:.3f} "
+                  f"({e.detail}; {time.perf_counter() - t0:.0f} s)", flush=True)
+        auc = deletion_insertion(model, x[:n_f], random_maps((n_f, 64, 64), seed=0), y[:n_f], steps=args.steps)
+        expl_rows.append(dict(model=name, method="random ranking", grid="-", pointing=100 * rand_pg,
+                              pointing_random=100 * rand_pg, deletion_auc=auc.deletion.mean().item(),
+                              insertion_auc=auc.insertion.mean().item()))
+        print(f"  random ranking: deletion AUC {auc.deletion.mean():.3f}, insertion AUC {auc.insertion.mean():.3f}",
+              flush=True)
+        stage = -1 if model.kind == "vit" else 1  # both stride 8: an 8x8 grid
+        tc = tokencut(model, x, stage=stage)
+        corloc = 100 * (box_iou(tc.boxes, data.boxes) >= 0.5).float().mean().item()
+        notes.append(f"{name}: TokenCut CorLoc (IoU >= 0.5) {corloc:.1f}% on stage {tc.stage} features")
+        print("  " + notes[-1], flush=True)
+        for i in range(2):
+            plot_grid(x01[i], {k: v[i] for k, v in maps.items()}, out / f"{name}_methods_{i}.png",
+                      f"{name}: class {data.classes[y[i]]}", box=data.boxes[i].tolist())
+        if model.has_attention:
+            imp = head_importance(model, x[:100], target=y[:100], labels=y[:100])
+            top = sorted(imp.rows, key=lambda r: -r["logit_drop"])
+            notes.append(f"{name}: head importance (target logit drop / accuracy drop when masked, 100 images): "
+                         + ", ".join(f"{r['core'].replace('.attn.core', '')}#{r['head']} {r['logit_drop']:.2f} / "
+                                     f"{r['acc_drop']:.1f}%" for r in top))
+            print("  " + notes[-1], flush=True)
+            last = attention_maps(model, x[:1])
+            heads = {f"{a.name.split('.attn')[0]} h{h}": a.maps[0, h] for a in last for h in range(a.maps.shape[1])}
+            plot_grid(x01[0], heads, out / f"{name}_heads.png", f"{name}: class-token attention per block and head",
+                      box=data.boxes[0].tolist())
+        t0 = time.perf_counter()
+        robust_reports.append(robustness(model, x01[:args.n_robust], y[:args.n_robust], seed=0))
+        print(f"  robustness probes on {args.n_robust} images: {time.perf_counter() - t0:.0f} s", flush=True)
+    text = (f"CPU: {cpu_model()}, torch {torch.__version__}, {args.threads} thread(s); {len(y)} held-out images "
+            f"(deletion/insertion on {n_f}, {args.steps} steps)\n\n" + _md(expl_rows, "explanations") + "\n"
+            + "\n".join(f"- {n}" for n in notes) + "\n\n" + markdown(robust_reports))
+    write_report(robust_reports, out)
+    (out / "acceptance.md").write_text(text)
+    print(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/explain_acceptance")
@@ -63,6 +159,9 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-val", type=int, default=600)
     p.add_argument("--n-eval", type=int, default=200, help="held-out images for the explanation metrics")
+    p.add_argument("--n-faith", type=int, default=100, help="images for deletion/insertion")
+    p.add_argument("--n-robust", type=int, default=200, help="images for the robustness probes")
+    p.add_argument("--steps", type=int, default=32, help="deletion/insertion steps")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -71,8 +170,7 @@ def main() -> None:
     print(f"CPU: {cpu_model()}, torch {torch.__version__}, {args.threads} thread(s)", flush=True)
     if not args.skip_train:
         train(out, args.epochs, args.n_train, args.n_val, args.only)
-    if "evaluate" in globals():
-        evaluate(out, args)  # noqa: F821
+    evaluate(out, args)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,9 @@ def test_pointing_game():
     assert pointing_game(maps, boxes).tolist() == [True, False]
     assert pointing_game(maps, boxes, tolerance=6).tolist() == [True, True]
     assert random_pointing_baseline(boxes, (10, 10)) == pytest.approx(0.16)
+    plateau = torch.zeros(1, 10, 10)
+    plateau[0, :6, :6] = 1.0  # a flat maximum: its centre (2.5, 2.5) counts, not its first pixel (0, 0)
+    assert pointing_game(plateau, torch.tensor([[2, 2, 4, 4]])).tolist() == [True]
 
 
 def test_ncut_finds_the_odd_block():
@@ -244,3 +247,18 @@ def test_tokencut_any_family(tiny_model):
         assert (r.boxes[:, 2] > r.boxes[:, 0]).all() and (r.boxes[:, 3] > r.boxes[:, 1]).all()
         assert (r.boxes >= 0).all() and (r.boxes[:, 2:] <= 64).all()
     assert box_iou(torch.tensor([[0, 0, 4, 4]]), torch.tensor([[2, 0, 6, 4]])).item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.slow  # importing captum takes ~10 s
+def test_captum_layer_gradcam_matches_ours(tiny_model):
+    captum = pytest.importorskip("captum.attr")
+    from visionzoo.explain.captum import captum_layer
+
+    model = tiny_model("vit_test")  # tokens with a class token: the adapter gives captum an NCHW layer
+    x = make_input(model)
+    with captum_layer(model, x) as layer:
+        attr = captum.LayerGradCam(model, layer).attribute(x, target=2, relu_attributions=True)
+    assert attr.shape == (2, 1, 4, 4)
+    ours = cam(model, x, "gradcam", target=2, normalize=False).maps
+    up = torch.nn.functional.interpolate(attr.detach(), size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(up, ours, atol=1e-5, rtol=1e-4)

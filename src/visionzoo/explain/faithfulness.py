@@ -98,9 +98,18 @@ def _grown(boxes: Tensor, tolerance: int, H: int, W: int) -> Tensor:
 
 
 def pointing_game(maps: Tensor, boxes: Tensor, tolerance: int = 0) -> Tensor:
-    """``(B,)`` booleans: the maximum of each map ``(B, H, W)`` lies in its box ``(x0, y0, x1, y1)`` (+ tolerance)."""
+    """``(B,)`` booleans: the maximum of each map ``(B, H, W)`` lies in its box ``(x0, y0, x1, y1)`` (+ tolerance).
+
+    Where the maximum is a plateau (a coarse map upsampled), the point is the plateau's pixel nearest to its
+    centroid, not its first pixel."""
     B, H, W = maps.shape
-    idx = maps.reshape(B, -1).argmax(1)
+    flat = maps.reshape(B, -1).float()
+    top = flat >= flat.amax(1, keepdim=True) - 1e-6 * flat.abs().amax(1, keepdim=True)  # the maximum (a plateau
+    ys, xs = torch.arange(H).repeat_interleave(W).float(), torch.arange(W).repeat(H).float()  # when upsampled)
+    n = top.sum(1).clamp_min(1)
+    cy, cx = (top * ys).sum(1) / n, (top * xs).sum(1) / n  # its centroid ...
+    dist = torch.where(top, (ys - cy[:, None]) ** 2 + (xs - cx[:, None]) ** 2, torch.full_like(flat, float("inf")))
+    idx = dist.argmin(1)  # ... and the maximal pixel nearest to it
     y, x = idx // W, idx % W
     b = _grown(boxes, tolerance, H, W)
     return (x >= b[:, 0]) & (x < b[:, 2]) & (y >= b[:, 1]) & (y < b[:, 3])
