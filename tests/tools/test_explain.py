@@ -76,6 +76,24 @@ def test_per_block_per_head_maps(name, tiny_model):
 
 
 @pytest.mark.parametrize("name", TEST_MODELS)
+def test_head_importance_and_tokencut_every_family(name, tiny_model):
+    model = tiny_model(name)
+    x = make_input(model)
+    r = tokencut(model, x)  # any family: a stage's features from forward_intermediates
+    assert r.masks.shape[0] == 2 and r.masks.any((1, 2)).all() and (r.boxes[:, 2:] > r.boxes[:, :2]).all()
+    if not model.has_attention:
+        with pytest.raises(ValueError, match="no softmax attention"):
+            head_importance(model, x)
+        return
+    with torch.no_grad(), record_attention(model) as rec:
+        model(x)
+    heads = {a.name: a.heads for a in rec.maps}
+    imp = head_importance(model, x)
+    assert len(imp.rows) == sum(heads.values())
+    assert all(c.head_mask is None for c in model.modules() if isinstance(c, AttentionCore))
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
 def test_rollout_rows_sum_to_one(name, tiny_model):
     model = tiny_model(name)
     x = make_input(model)

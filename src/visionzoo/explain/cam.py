@@ -126,16 +126,14 @@ def _learn_layout(model: nn.Module, x: Tensor, stage: int) -> StageLayout:
                      f"disagree")
 
 
-_LAYOUTS: dict[tuple, StageLayout] = {}
-
-
 def stage_layout(model: nn.Module, x: Tensor, stage: int) -> StageLayout:
-    """The ``StageLayout`` of ``stage`` for inputs shaped like ``x`` (cached per model, stage and shape)."""
+    """The ``StageLayout`` of ``stage`` for inputs shaped like ``x`` (cached on the model per stage and shape)."""
     idx, _ = _stage(model, stage)
-    key = (id(model), idx, tuple(x.shape[1:]))
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = _learn_layout(model, x, idx)
-    return _LAYOUTS[key]
+    cache = model.__dict__.setdefault("_explain_stage_layouts", {})
+    key = (idx, tuple(x.shape[1:]))
+    if key not in cache:
+        cache[key] = _learn_layout(model, x, idx)
+    return cache[key]
 
 
 class StageTap(nn.Module):
