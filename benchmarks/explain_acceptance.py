@@ -86,6 +86,7 @@ def evaluate(out: Path, args: argparse.Namespace) -> None:
     y = data.labels
     n_f = min(args.n_faith, len(y))
     rand_pg = random_pointing_baseline(data.boxes, (64, 64))
+    rand_pg4 = random_pointing_baseline(data.boxes, (64, 64), tolerance=4)  # Zhang et al.'s 15 px at 224, scaled
     expl_rows, robust_reports, notes = [], [], []
     for name, _ in MODELS:
         ckpt = out / name / "model.safetensors"
@@ -99,8 +100,8 @@ def evaluate(out: Path, args: argparse.Namespace) -> None:
         acc = 100.0 * (logits.argmax(1) == y).float().mean().item()
         print(f"{name}: top-1 {acc:.1f}% on {len(y)} held-out images", flush=True)
         runs = [(m, None) for m in applicable_methods(model)]
-        if model.kind == "convnet":
-            runs.append(("gradcam", 1))  # the stride-8 stage: the ViT's token grid (patch 8)
+        if model.kind == "convnet":  # the stride-16 and stride-8 stages (the ViT's token grid is stride 8)
+            runs += [("gradcam", 2), ("gradcam", 1), ("layercam", 1)]
         maps = {}
         t0 = time.perf_counter()
         for method, stage in runs:
@@ -108,23 +109,27 @@ def evaluate(out: Path, args: argparse.Namespace) -> None:
             e = explain(model, x, method, target=y, stage=stage)
             maps[label] = e.maps
             pg = pointing_game(e.maps, data.boxes).float().mean().item()
+            pg4 = pointing_game(e.maps, data.boxes, tolerance=4).float().mean().item()
             auc = deletion_insertion(model, x[:n_f], e.maps[:n_f], y[:n_f], steps=args.steps)
             expl_rows.append(dict(model=name, method=label, grid=f"{e.grid[0]}x{e.grid[1]}", pointing=100 * pg,
-                                  pointing_random=100 * rand_pg, deletion_auc=auc.deletion.mean().item(),
+                                  pointing_random=100 * rand_pg, pointing_4px=100 * pg4,
+                                  pointing_4px_random=100 * rand_pg4, deletion_auc=auc.deletion.mean().item(),
                                   insertion_auc=auc.insertion.mean().item()))
             print(f"  {label:22s} pointing {100 * pg:5.1f}% (random {100 * rand_pg:.1f}%), deletion AUC "
                   f"{expl_rows[-1]['deletion_auc']:.3f}, insertion AUC {expl_rows[-1]['insertion_auc']:.3f} "
                   f"({e.detail}; {time.perf_counter() - t0:.0f} s)", flush=True)
         auc = deletion_insertion(model, x[:n_f], random_maps((n_f, 64, 64), seed=0), y[:n_f], steps=args.steps)
         expl_rows.append(dict(model=name, method="random ranking", grid="-", pointing=100 * rand_pg,
-                              pointing_random=100 * rand_pg, deletion_auc=auc.deletion.mean().item(),
+                              pointing_random=100 * rand_pg, pointing_4px=100 * rand_pg4,
+                              pointing_4px_random=100 * rand_pg4, deletion_auc=auc.deletion.mean().item(),
                               insertion_auc=auc.insertion.mean().item()))
         print(f"  random ranking: deletion AUC {auc.deletion.mean():.3f}, insertion AUC {auc.insertion.mean():.3f}",
               flush=True)
         stage = -1 if model.kind == "vit" else 1  # both stride 8: an 8x8 grid
         tc = tokencut(model, x, stage=stage)
         corloc = 100 * (box_iou(tc.boxes, data.boxes) >= 0.5).float().mean().item()
-        notes.append(f"{name}: TokenCut CorLoc (IoU >= 0.5) {corloc:.1f}% on stage {tc.stage} features")
+        notes.append(f"{name}: TokenCut CorLoc (IoU >= 0.5) {corloc:.1f}% on the features of stage {tc.stage} "
+                     f"({model.stage_info[tc.stage].module})")
         print("  " + notes[-1], flush=True)
         for i in range(2):
             plot_grid(x01[i], {k: v[i] for k, v in maps.items()}, out / f"{name}_methods_{i}.png",

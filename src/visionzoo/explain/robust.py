@@ -291,7 +291,7 @@ def markdown(reports: list[RobustReport]) -> str:
 
 def _md_table(rows: list[dict[str, Any]], title: str) -> list[str]:
     keys = list(rows[0])
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     return [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
             *["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows], ""]
 
