@@ -77,7 +77,6 @@ def test_bad_probe_arguments(tiny_model):
         robustness(model, x * 3 - 1, y, ("shift",))
 
 
-@pytest.mark.slow  # matplotlib
 def test_report_files(tiny_model, tmp_path):
     model = tiny_model("convnext_test")
     model.reset_classifier(4)
