@@ -1,4 +1,5 @@
-"""``visionzoo bench | list | info | convert | export | train | eval | compare``: parse arguments, call the package."""
+"""``visionzoo bench | list | info | convert | export | train | eval | compare | explain | robust``: parse arguments,
+call the package."""
 from __future__ import annotations
 
 import argparse
@@ -416,18 +417,207 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    probes = _probes(args.probes) if args.robust else None
     splits = _load_splits(args)
     rows = compare(args.models, splits, cfg, args.out, img_size=_resolve_img_size(args, splits),
-                   patch_size=args.patch_size, device=args.device or "cpu", budget=args.budget)
+                   patch_size=args.patch_size, device=args.device or "cpu", budget=args.budget, robust=args.robust,
+                   robust_images=args.robust_images, robust_probes=probes)
     print((Path(args.out) / "compare.md").read_text())
-    print(f"wrote {args.out}/compare.csv, compare.md, compare.png ({len(rows)} model{'s' * (len(rows) != 1)})")
+    extra = ", robust.md, robust.csv, robust.png" if args.robust else ""
+    print(f"wrote {args.out}/compare.csv, compare.md, compare.png{extra} ({len(rows)} model{'s' * (len(rows) != 1)})")
     return 0
+
+
+# --- explain | robust ----------------------------------------------------------------------------------------
+def _probes(value: str) -> tuple[str, ...]:
+    from visionzoo.explain.robust import PROBES
+
+    probes = tuple(p.strip() for p in value.split(",") if p.strip())
+    bad = [p for p in probes if p not in PROBES]
+    if bad or not probes:
+        raise ArgumentError(f"--probes takes a comma-separated subset of {','.join(PROBES)}, got {value!r}")
+    return probes
+
+
+def _trained_or_named(spec: str):  # noqa: ANN202
+    """A checkpoint (what ``visionzoo train`` writes, or any of ours) or a registered name (random weights)."""
+    import visionzoo
+    from visionzoo.train.evaluate import load_trained
+
+    if os.path.exists(spec):
+        model, meta = load_trained(spec)
+        return model, meta, f"weights from {spec}"
+    if spec.endswith((".safetensors", ".pt", ".pth", ".bin")):
+        raise NotFoundError(f"checkpoint {spec!r} does not exist; give a checkpoint path or a model name "
+                            f"(`visionzoo list`)")
+    return visionzoo.create_model(spec).eval(), {}, "random weights (give a checkpoint to explain a trained model)"
+
+
+def _load_image(path: str, model, crop_pct: float | None):  # noqa: ANN001, ANN202
+    """The image at ``path`` as the model's evaluation input: ``(1, C, S, S)`` in [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    from visionzoo.train.data import EvalResize
+
+    if not os.path.isfile(path):
+        raise NotFoundError(f"--image {path!r} does not exist; give the path of an image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if model.in_chans == 1 else "RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ArgumentError(f"--image {path!r} is not an image Pillow can read ({e})") from None
+    dc = model.data_config
+    size = dc["input_size"][-1]
+    x = EvalResize(size, crop_pct or dc.get("crop_pct", 0.875), dc.get("interpolation", "bicubic"))(img)
+    return x.float().div(255)[None]
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from visionzoo.explain import applicable_methods, deletion_insertion, explain, head_importance, tokencut
+    from visionzoo.explain.attention import attention_maps
+    from visionzoo.explain.plots import plot_explanation, plot_grid
+    from visionzoo.explain.robust import Normalized
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, meta, what = _trained_or_named(args.model)
+    classes = meta.get("classes")
+    x01 = _load_image(args.image, model, args.crop_pct)
+    norm = Normalized(model, model.data_config["mean"], model.data_config["std"])
+    x = (x01 - norm.mean) / norm.std
+    methods = list(applicable_methods(model)) if args.method == ["all"] else args.method
+    for m in methods:
+        if m not in applicable_methods(model) and m != "tokencut":
+            raise ArgumentError(f"--method {m!r} does not apply to {model.name}; choose from "
+                             f"{', '.join(applicable_methods(model))}, tokencut or all")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        probs = model(x).softmax(1)[0]
+    name_of = (lambda c: f"{c} ({classes[c]})") if classes else str
+    pred = int(probs.argmax())
+    print(f"{model.name} ({what}): predicted class {name_of(pred)}, p={probs[pred]:.3f}")
+    record = {"model": model.name, "weights": what, "image": args.image, "predicted": pred,
+              "probability": float(probs[pred]), "methods": {}}
+    maps = {}
+    for m in methods:
+        if m == "tokencut":
+            r = tokencut(model, x, stage=-1 if args.stage is None else args.stage)
+            box = r.boxes[0].tolist()
+            plot_explanation(x01[0], r.eigvecs[0].clamp_min(0), out / "tokencut.png",
+                             f"{model.name}: TokenCut, stage {r.stage}, box {box}", box=box)
+            record["methods"]["tokencut"] = {"box": box, "stage": r.stage}
+            print(f"  tokencut: box {box} (stage {r.stage}) -> {out / 'tokencut.png'}")
+            continue
+        e = explain(model, x, m, target=args.target, stage=args.stage, head_fusion=args.head_fusion,
+                    discard_ratio=args.discard_ratio)
+        maps[m] = e.maps[0]
+        tgt = int(e.targets[0])
+        path = plot_explanation(x01[0], e.maps[0], out / f"{m.replace('+', 'pp')}.png",
+                                f"{model.name}: {m}, class {name_of(tgt)}, {e.detail}")
+        entry = {"target": tgt, "grid": list(e.grid), "detail": e.detail, "png": str(path)}
+        if args.faithfulness:
+            auc = deletion_insertion(norm.model, x, e.maps, e.targets, steps=args.steps)
+            entry.update(deletion_auc=float(auc.deletion[0]), insertion_auc=float(auc.insertion[0]))
+        record["methods"][m] = entry
+        faith = (f", deletion AUC {entry['deletion_auc']:.3f}, insertion AUC {entry['insertion_auc']:.3f}"
+                 if args.faithfulness else "")
+        print(f"  {m}: {e.detail}{faith} -> {path}")
+    if args.faithfulness and maps:
+        from visionzoo.explain.faithfulness import random_maps
+
+        auc = deletion_insertion(norm.model, x, random_maps(tuple(x.shape[:1] + x.shape[2:]), seed=0),
+                                 torch.tensor([pred]), steps=args.steps)
+        record["random_baseline"] = {"deletion_auc": float(auc.deletion[0]), "insertion_auc": float(auc.insertion[0])}
+        print(f"  random ranking: deletion AUC {auc.deletion[0]:.3f}, insertion AUC {auc.insertion[0]:.3f}")
+    if len(maps) > 1:
+        plot_grid(x01[0], maps, out / "methods.png", f"{model.name}: class {name_of(pred)}")
+    if getattr(model, "has_attention", False) and args.heads:
+        last = attention_maps(model, x)[-1]
+        heads = {f"head {h}": last.maps[0, h] for h in range(last.maps.shape[1])}
+        plot_grid(x01[0], heads, out / "heads.png", f"{model.name}: {last.name} ({last.kind}) per head")
+        imp = head_importance(model, x)
+        record["head_importance"] = imp.rows
+        top = sorted(imp.rows, key=lambda r: -r["logit_drop"])[:3]
+        print("  most important heads (target logit drop when masked): "
+              + ", ".join(f"{r['core']}#{r['head']} {r['logit_drop']:.3f}" for r in top))
+    (out / "explain.json").write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}/ (" + ", ".join(sorted(p.name for p in out.iterdir())) + ")")
+    return 0
+
+
+def cmd_robust(args: argparse.Namespace) -> int:
+    from visionzoo.explain.robust import markdown, robustness, split_images, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    probes = _probes(args.probes)
+    model, meta, what = _trained_or_named(args.checkpoint)
+    splits = _load_splits(args, in_chans=model.in_chans)
+    classes = meta.get("classes")
+    if classes is not None and list(classes) != list(splits.classes):
+        raise ArgumentError(f"the checkpoint was trained on classes {list(classes)[:10]}, --data {args.data} has "
+                         f"{splits.classes[:10]}; probe it on the data it was trained on")
+    if model.num_classes != splits.num_classes:
+        raise ArgumentError(f"{model.name} has {model.num_classes} classes, --data {args.data} has "
+                         f"{splits.num_classes}; give the checkpoint trained on it")
+    dc = model.data_config
+    x, y = split_images(splits.val, dc["input_size"][-1], args.crop_pct or dc.get("crop_pct", 0.875),
+                        dc.get("interpolation", "bicubic"), args.limit, args.seed)
+    print(f"{model.name} ({what}): {len(x)} validation images of {splits.name}, probes {','.join(probes)}",
+          flush=True)
+    eps = tuple(e / 255 for e in args.eps)
+    report = robustness(model, x, y, probes, seed=args.seed, batch_size=args.batch_size, eps=eps,
+                        pgd_steps=args.pgd_steps, patch=args.patch, patch_steps=args.patch_steps)
+    files = write_report(report, args.out)
+    print(markdown([report]))
+    print("wrote " + ", ".join(files.values()))
+    return 0
+
+
+def add_explain_commands(sub) -> None:  # noqa: ANN001
+    from visionzoo.explain import METHODS
+
+    s = sub.add_parser("explain", help="saliency maps (CAMs, attention, rollout, TokenCut) of one image, as PNGs")
+    s.add_argument("model", help="a checkpoint (from visionzoo train, or any of ours) or a model name (random weights)")
+    s.add_argument("--image", required=True, help="image file to explain")
+    s.add_argument("--method", nargs="+", default=["gradcam"], choices=(*METHODS, "tokencut", "all"),
+                   help="one or more methods, or all that apply (default gradcam)")
+    s.add_argument("--target", type=int, default=None, help="class index to explain (default: the prediction)")
+    s.add_argument("--stage", type=int, default=None, help="stage index of the CAM (default: the last one a "
+                   "gradient reaches; negative counts from the end)")
+    s.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean", help="rollout's head fusion")
+    s.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this share of weakest attention")
+    s.add_argument("--faithfulness", action="store_true", help="deletion/insertion AUC per method and for a "
+                   "random ranking")
+    s.add_argument("--steps", type=int, default=32, help="deletion/insertion steps")
+    s.add_argument("--heads", action="store_true", help="per-head maps of the last attention and head importance")
+    s.add_argument("--crop-pct", type=float, default=None, help="evaluation centre crop (the variant's default)")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--out", default="runs/explain", help="folder for the PNGs and explain.json")
+    s.set_defaults(func=cmd_explain)
+    s = sub.add_parser("robust", help="robustness probes of a checkpoint: shift, patch, corruptions, FGSM/PGD")
+    s.add_argument("checkpoint", help="a checkpoint from visionzoo train (or any of ours), or a model name")
+    s.add_argument("--probes", default="shift,patch,corrupt,pgd", help="comma-separated subset of "
+                   "shift,patch,corrupt,pgd")
+    s.add_argument("--limit", type=int, default=256, help="validation images to probe (a seeded subset)")
+    s.add_argument("--eps", type=float, nargs="+", default=[1, 2, 4, 8], help="L-inf radii, in 1/255 units")
+    s.add_argument("--pgd-steps", type=int, default=10)
+    s.add_argument("--patch", type=int, default=16, help="side of the perturbed patch in pixels")
+    s.add_argument("--patch-steps", type=int, default=20, help="PGD steps of the adversarial patch")
+    s.add_argument("--batch-size", "-b", type=int, default=64)
+    s.add_argument("--out", default="runs/robust", help="folder for robust.md/.csv/.png")
+    _add_data_args(s)
+    s.set_defaults(func=cmd_robust)
 
 
 def _add_data_args(s: argparse.ArgumentParser) -> None:
     g = s.add_argument_group("data")
     g.add_argument("--data", default="digits",
-                   help="digits (default, bundled with scikit-learn), fashion-mnist, folder:PATH or hf:NAME")
+                   help="digits (default, bundled with scikit-learn), fashion-mnist, shapes (synthetic, 64 px RGB, "
+                        "with boxes), folder:PATH or hf:NAME")
     g.add_argument("--data-dir", default=None, help="fashion-mnist IDX files; data_dir for hf:NAME (e.g. imagefolder)")
     g.add_argument("--in-chans", type=int, choices=(1, 3), default=None,
                    help="decode as grey (1) or RGB (3); default 1 for digits/fashion-mnist, 3 otherwise")
@@ -531,6 +721,9 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
                        formatter_class=_DefaultsFormatter)
     s.add_argument("--models", nargs="+", required=True)
     s.add_argument("--budget", type=float, default=2.0, help="timed seconds for each throughput measurement")
+    s.add_argument("--robust", action="store_true", help="also run the robustness probes on each trained model")
+    s.add_argument("--probes", default="shift,patch,corrupt,pgd", help="with --robust: which probes")
+    s.add_argument("--robust-images", type=int, default=256, help="with --robust: validation images probed")
     s.add_argument("--out", default="runs/compare", help="folder for compare.csv/.md/.png and each model's run")
     _add_data_args(s)
     _add_recipe_args(s)
@@ -617,6 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     s.set_defaults(func=cmd_export)
     add_train_commands(sub)
+    add_explain_commands(sub)
     return p
 
 

@@ -62,3 +62,4 @@ class ExportError(VisionZooError, RuntimeError):
 
 class BackendUnavailable(VisionZooError, RuntimeError):
     """An inference backend (onnxruntime, openvino, bf16 hardware, ...) is not available here."""
+

@@ -34,6 +34,15 @@ class AttentionCore(nn.Module):
         observer: called as ``observer(core, probs, grid)`` with the ``(..., N_q, N_k)`` probabilities.
         fused: ``False`` runs the explicit matmul-softmax-matmul path even without an observer.
         extra_bias: a tensor added to the logits on top of the caller's bias (broadcast to ``(..., N_q, N_k)``).
+        head_mask: a ``(heads,)`` tensor multiplying each head's output (0 removes a head; head importance).
+
+    Attributes the owning module may set, for windowed calls (the leading dim is batch x windows), so that tools
+    can put each window's queries back on the image:
+        partition: ``"block"`` (default): contiguous ``grid``-sized windows of the (padded) token map in row-major
+            order (Swin windows, CSWin stripes, RMT rows/columns); ``"grid"``: each window a ``grid``-sized set of
+            tokens strided over the whole map (MaxViT grid attention, CrossFormer's long-distance groups).
+        shift: ``(dy, dx)``, the cyclic shift the map was rolled by (``-shift``) before partitioning (Swin's
+            shifted windows).
     """
 
     def __init__(self, prefix_tokens: int = 0) -> None:
@@ -42,6 +51,9 @@ class AttentionCore(nn.Module):
         self.fused = True
         self.observer: Observer | None = None
         self.extra_bias: Tensor | None = None
+        self.head_mask: Tensor | None = None
+        self.partition = "block"
+        self.shift: tuple[int, int] = (0, 0)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *, scale: float | None = None,
                 dropout_p: float = 0.0, grid: tuple[int, int] | None = None) -> Tensor:
@@ -55,7 +67,7 @@ class AttentionCore(nn.Module):
                 # other answer than torch.export, so a caller's transpose + reshape recorded as a view then fails.
                 # One copy in traced graphs makes the layout the same for every kernel; eager is unchanged.
                 out = out.clone(memory_format=torch.contiguous_format)
-            return out
+            return out if self.head_mask is None else self._mask_heads(out)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         logits = (q * scale) @ k.transpose(-2, -1)  # (..., N_q, d) @ (..., d, N_k) -> (..., N_q, N_k)
         if bias is not None:
@@ -65,7 +77,16 @@ class AttentionCore(nn.Module):
             self.observer(self, probs, grid)
         if dropout_p > 0.0:
             probs = F.dropout(probs, dropout_p, training=True)
-        return probs @ v  # (..., N_q, N_k) @ (..., N_k, d_v) -> (..., N_q, d_v)
+        out = probs @ v  # (..., N_q, N_k) @ (..., N_k, d_v) -> (..., N_q, d_v)
+        return out if self.head_mask is None else self._mask_heads(out)
+
+    def _mask_heads(self, out: Tensor) -> Tensor:
+        """``out`` ``(..., heads, N_q, d_v)`` with each head scaled by ``head_mask``."""
+        mask = self.head_mask
+        if mask.ndim != 1 or mask.numel() != out.shape[-3]:
+            raise ValueError(f"AttentionCore.head_mask must have one entry per head ({out.shape[-3]}), got shape "
+                             f"{tuple(mask.shape)}")
+        return out * mask.to(out.dtype).view(-1, 1, 1)
 
     def extra_repr(self) -> str:
         return f"prefix_tokens={self.prefix_tokens}" if self.prefix_tokens else ""

@@ -37,6 +37,7 @@ from visionzoo.layers import (
     drop_path_rates,
     get_norm,
     init_linear,
+    is_tracing,
     trace_leaf,
 )
 from visionzoo.registry import Paper, Variant, register_family
@@ -205,6 +206,8 @@ class CrossFormerBlock(nn.Module):
         """Attention inside the (zero-padded) groups of the NHWC map ``x``; padded keys are masked out, padded
         queries cropped."""
         layout = (self.group_size, self.interval, self.long_distance)
+        if not is_tracing():  # where recorded maps sit on the image (visionzoo.explain); LDA groups are dilated
+            self.attn.core.partition = "grid" if group_layout(x.shape[1], x.shape[2], *layout)[0] else "block"
         groups = to_groups(x, *layout)  # (B, H, W, C) -> (B * nG, N, C)
         offsets, index, group = group_tables(x, *layout)
         bias = add_padding_mask(self.attn.position_bias(offsets, index, groups.shape[1]), x, *layout)

@@ -249,6 +249,7 @@ class MaxViTPartitionAttention(nn.Module):
         self.partition, self.reverse = PARTITIONS[partition]
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = MaxViTAttention(dim, size, dim_head, attn_drop, proj_drop)
+        self.attn.core.partition = partition  # where recorded maps sit on the image (visionzoo.explain)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)

@@ -127,6 +127,7 @@ class SwinTransformerBlock(nn.Module):
         norm = get_norm(norm_layer)
         self.norm1 = norm(dim)
         self.attn = SwinWindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop)
+        self.attn.core.shift = shift_size  # the seam: tools put the shifted windows back on the map
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)

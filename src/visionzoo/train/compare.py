@@ -2,7 +2,9 @@
 
 Each model starts from the same seed, sees the same data splits, augmentation, optimiser, schedule and number
 of epochs. The table gives validation accuracy, training time, params, MACs (``visionzoo.profile`` at the
-training size) and inference throughput measured here (``bench.timing.time_interleaved``).
+training size) and inference throughput measured here (``bench.timing.time_interleaved``). With ``robust``, each
+trained model also goes through ``visionzoo.explain.robustness`` on the same validation images (shift
+consistency, corruptions, FGSM/PGD, patches; one seed), written to ``robust.md``/``.csv``/``.png``.
 """
 from __future__ import annotations
 
@@ -36,9 +38,11 @@ class CompareRow:
     train_cpu_s: float
     contended: bool
     history: list[dict[str, Any]]
+    robust: dict[str, float] | None = None
 
     def table_row(self) -> dict[str, Any]:
-        row = {k: v for k, v in vars(self).items() if k != "history"}
+        row = {k: v for k, v in vars(self).items() if k not in ("history", "robust")}
+        row.update(self.robust or {})
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
@@ -63,9 +67,11 @@ def measure_throughput(model: torch.nn.Module, img_size: int, batch_size: int = 
 
 def compare(models: list[str], splits: DataSplits, cfg: TrainConfig, out_dir: str | Path, *, img_size: int | None,
             patch_size: int | None = None, device: str = "cpu", throughput_batch: int = 64, budget: float = 2.0,
-            log: Callable[[str], None] | None = print) -> list[CompareRow]:
+            log: Callable[[str], None] | None = print, robust: bool = False, robust_images: int = 256,
+            robust_probes: tuple[str, ...] | None = None) -> list[CompareRow]:
     """Train each of ``models`` with ``cfg`` on ``splits`` (runs in ``out_dir/<model>/``), then write
-    ``compare.csv``, ``compare.md`` and ``compare.png`` into ``out_dir``."""
+    ``compare.csv``, ``compare.md`` and ``compare.png`` into ``out_dir`` (and ``robust.*`` with ``robust``, on
+    ``robust_images`` validation images)."""
     from visionzoo.bench.flops import profile
     from visionzoo.registry import get_variant
     from visionzoo.train.dist import DistInfo
@@ -76,7 +82,7 @@ def compare(models: list[str], splits: DataSplits, cfg: TrainConfig, out_dir: st
         get_variant(name)  # unknown names fail before any training
     out = Path(out_dir)
     say = log or (lambda s: None)
-    rows = []
+    rows, reports = [], []
     for name in models:
         say(f"--- {name}")
         seed_everything(cfg.seed)
@@ -87,15 +93,36 @@ def compare(models: list[str], splits: DataSplits, cfg: TrainConfig, out_dir: st
         cpu = time.process_time() - cpu0
         prof = profile(model, input_size=size)
         tput, contended = measure_throughput(model, size, throughput_batch, budget)
+        summary = None
+        if robust:
+            from visionzoo.explain.robust import summarize
+
+            reports.append(_robust(model, splits, cfg, size, robust_images, robust_probes, device))
+            summary = summarize(reports[-1])
         rows.append(CompareRow(name, get_variant(name).kind, res.metrics.top1, res.metrics.top5,
                                res.ema_metrics.top1 if res.ema_metrics else None, prof.params_m, prof.gmacs,
-                               tput, res.train_time_s, cpu, contended, res.history))
+                               tput, res.train_time_s, cpu, contended, res.history, summary))
         say(f"{name}: top-1 {rows[-1].top1:.2f}%  {rows[-1].params_m:.2f} M params  {rows[-1].gmacs:.3f} GMACs  "
             f"{tput:.0f} img/s  trained in {res.train_time_s:.0f} s")
     write_csv([r.table_row() for r in rows], out / "compare.csv")
     (out / "compare.md").write_text(markdown(rows, cfg, splits.name, size))
     plot(rows, out / "compare.png", f"{splits.name}, {epochs(cfg.epochs)}, {size}px, seed {cfg.seed}")
+    if reports:
+        from visionzoo.explain.robust import write_report
+
+        write_report(reports, out)
     return rows
+
+
+def _robust(model: torch.nn.Module, splits: DataSplits, cfg: TrainConfig, size: int, limit: int,
+            probes: tuple[str, ...] | None, device: str):  # noqa: ANN202
+    """The robustness probes on ``limit`` validation images, preprocessed as evaluation is; one seed (cfg's)."""
+    from visionzoo.explain.robust import PROBES, robustness, split_images
+
+    dc = model.data_config
+    x, y = split_images(splits.val, size, cfg.crop_pct or dc.get("crop_pct", 0.875),
+                        dc.get("interpolation", "bicubic"), limit, cfg.seed)
+    return robustness(model.to(device).eval(), x, y, probes or PROBES, seed=cfg.seed)
 
 
 def markdown(rows: list[CompareRow], cfg: TrainConfig, data: str, size: int) -> str:
@@ -105,6 +132,13 @@ def markdown(rows: list[CompareRow], cfg: TrainConfig, data: str, size: int) -> 
     for r in rows:
         lines.append(f"| {r.model} | {r.kind} | {r.top1:.2f} | {r.top5:.2f} | {r.params_m:.2f} | {r.gmacs:.3f} | "
                      f"{r.img_per_s:.0f}{' (contended)' if r.contended else ''} | {r.train_time_s:.0f} |")
+    robust = [r for r in rows if r.robust]
+    if robust:
+        keys = list(robust[0].robust)
+        lines += ["", "robustness (visionzoo.explain.robustness; % top-1 unless named; details in robust.md)", "",
+                  "| model | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+        lines += [f"| {r.model} | " + " | ".join(f"{r.robust.get(k, float('nan')):.2f}" for k in keys) + " |"
+                  for r in robust]
     return head + "\n".join(lines) + "\n"
 
 

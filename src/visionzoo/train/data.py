@@ -31,7 +31,7 @@ IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
-SOURCES = ("digits", "fashion-mnist", "folder:PATH", "hf:NAME")
+SOURCES = ("digits", "fashion-mnist", "shapes", "folder:PATH", "hf:NAME")
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
              "box": Image.Resampling.BOX}
@@ -363,7 +363,7 @@ def _hf(name: str, data_dir: str | None, in_chans: int, val_split: float, seed: 
 
 def load_data(spec: str = "digits", data_dir: str | None = None, in_chans: int | None = None, val_split: float = 0.2,
               seed: int = 0, limit_train: int | None = None, limit_val: int | None = None) -> DataSplits:
-    """Load ``spec`` (``digits``, ``fashion-mnist``, ``folder:PATH`` or ``hf:NAME``) as train/val splits.
+    """Load ``spec`` (``digits``, ``fashion-mnist``, ``shapes``, ``folder:PATH`` or ``hf:NAME``) as train/val splits.
 
     ``in_chans`` defaults to 1 for the grey sources and 3 otherwise. Sources without a validation set are split
     per class with ``val_split`` and ``seed``. ``limit_*`` keep a seeded random subset (quick runs).
@@ -372,6 +372,12 @@ def load_data(spec: str = "digits", data_dir: str | None = None, in_chans: int |
         splits = _digits(in_chans or 1, val_split, seed)
     elif spec == "fashion-mnist":
         splits = _fashion_mnist(data_dir, in_chans or 1)
+    elif spec == "shapes":  # the synthetic localisation set (train/synthetic.py), 64 px RGB
+        from visionzoo.train.synthetic import shapes_splits
+
+        if in_chans not in (None, 3):
+            raise ValueError(f"--data shapes is RGB; in_chans must be 3, got {in_chans}")
+        splits = shapes_splits(limit_train or 2000, limit_val or 500, seed=seed)  # generate only what is used
     elif spec.startswith("folder:") and len(spec) > 7:
         splits = _folder(spec[7:], in_chans or 3, val_split, seed)
     elif spec.startswith("hf:") and len(spec) > 3:

@@ -1,0 +1,278 @@
+"""Class activation maps for every family, at any stage: Grad-CAM, Grad-CAM++, LayerCAM, Score-CAM.
+
+Grad-CAM: Selvaraju et al., ICCV 2017 (https://arxiv.org/abs/1610.02391). Grad-CAM++: Chattopadhay et al., WACV
+2018 (https://arxiv.org/abs/1710.11063), the closed form for an exponential of the score, as in
+jacobgil/pytorch-grad-cam (MIT). LayerCAM: Jiang et al., TIP 2021. Score-CAM: Wang et al., CVPRW 2020
+(https://arxiv.org/abs/1910.01279), with the target's softmax probability on the masked input as each channel's
+weight (pytorch-grad-cam's choice; the paper subtracts a baseline score, a constant for all channels).
+
+How a stage becomes an ``(B, C, h, w)`` map without a reshape argument (the design; no family code):
+
+1. The stage is ``model.stage_modules()[stage]`` (named by ``stage_info``). Its output can be an NCHW map, an
+   NHWC map, tokens ``(B, N, C)`` with class tokens in front, or a tuple (CvT's last stage: map and class token).
+2. ``forward_intermediates(x, [stage])`` gives the contract's NCHW map of that same output. One call with a hook
+   on the stage records the raw output next to it, and ``StageLayout`` is the conversion (which tensor, which
+   layout, how many prefix tokens) that turns the one into the other exactly; learned once per model, stage and
+   input shape.
+3. During the explained forward, a hook on the stage replaces its output by ``from_nchw(A)``, where ``A`` is the
+   NCHW view of the output (passed through ``StageTap.nchw``, an ``nn.Identity`` that captum's layer methods can
+   hook). Everything after the stage then depends on ``A``, so ``autograd.grad(score, A)`` is the gradient of the
+   NCHW map, prefix tokens left out, whatever the layout: gradients flow as in the unmodified model.
+
+Heads that read a class token (``model.head.pool_type == "token"``) give the patch tokens of the last stage no
+gradient; there the default stage is the one before (the map the last blocks' attention reads, the equivalent of
+pytorch-grad-cam's ``blocks[-1].norm1`` for ViTs).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visionzoo.errors import ArgumentError
+
+__all__ = ["CAM_METHODS", "CamResult", "StageLayout", "StageTap", "cam", "default_stage", "resolve_targets"]
+
+CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam")
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """How a stage's raw output maps to the contract's NCHW map."""
+
+    item: int  # which tensor of a tuple output (0 for a plain tensor)
+    layout: str  # "nchw", "nhwc" or "tokens"
+    prefix: int  # tokens ahead of the grid's ("tokens" only)
+    grid: tuple[int, int]
+
+    def to_nchw(self, out: Tensor | Sequence[Tensor]) -> Tensor:
+        t = out[self.item] if isinstance(out, (tuple, list)) else out
+        if self.layout == "nchw":
+            return t
+        if self.layout == "nhwc":
+            return t.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+        B, _, C = t.shape
+        return t[:, self.prefix:].transpose(1, 2).reshape(B, C, *self.grid)  # (B, p + HW, C) -> (B, C, H, W)
+
+    def from_nchw(self, a: Tensor, out: Tensor | Sequence[Tensor]) -> Tensor | tuple:
+        t = out[self.item] if isinstance(out, (tuple, list)) else out
+        if self.layout == "nchw":
+            new = a
+        elif self.layout == "nhwc":
+            new = a.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
+        else:
+            new = torch.cat([t[:, :self.prefix], a.flatten(2).transpose(1, 2)], dim=1)  # -> (B, p + HW, C)
+        if isinstance(out, (tuple, list)):
+            items = list(out)
+            items[self.item] = new
+            return type(out)(items) if isinstance(out, tuple) else items
+        return new
+
+
+def _stage(model: nn.Module, stage: int) -> tuple[int, nn.Module]:
+    stages = model.stage_modules()
+    n = len(stages)
+    if not isinstance(stage, int) or not -n <= stage < n:
+        raise ArgumentError(f"{getattr(model, 'name', type(model).__name__)}: stage must be an int in -{n}..{n - 1} "
+                         f"({n} stages: {[i.module for i in model.stage_info]}), got {stage!r}")
+    return stage % n, stages[stage % n]
+
+
+def default_stage(model: nn.Module) -> int:
+    """The last stage, or the one before when the head reads a class token (no gradient reaches the last patch
+    tokens then)."""
+    n = len(model.stage_modules())
+    head = getattr(model, "head", None)
+    return n - 2 if getattr(head, "pool_type", "") == "token" and n > 1 else n - 1
+
+
+def _learn_layout(model: nn.Module, x: Tensor, stage: int) -> StageLayout:
+    idx, module = _stage(model, stage)
+    seen: list = []
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            ref = model.forward_intermediates(x[:1], [idx])[0]
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(f"{model.name}: stage {idx} ({model.stage_info[idx].module}) did not run in "
+                         f"forward_intermediates; the stage modules and the forward disagree")
+    out = seen[-1]
+    items = list(out) if isinstance(out, (tuple, list)) else [out]
+    _, C, h, w = ref.shape
+    tol = 1e-4 * (ref.abs().max().item() + 1e-6)
+    for i, t in enumerate(items):
+        if not isinstance(t, Tensor):
+            continue
+        cands = []
+        if t.ndim == 4:
+            cands += [StageLayout(i, "nchw", 0, (h, w)), StageLayout(i, "nhwc", 0, (h, w))]
+        if t.ndim == 3 and t.shape[-1] == C and t.shape[1] >= h * w:
+            cands.append(StageLayout(i, "tokens", t.shape[1] - h * w, (h, w)))
+        for lay in cands:
+            try:
+                a = lay.to_nchw(items if len(items) > 1 else t)
+            except RuntimeError:
+                continue
+            if a.shape == ref.shape and (a - ref).abs().max().item() <= tol:
+                return lay
+    shapes = [tuple(t.shape) for t in items if isinstance(t, Tensor)]
+    raise ValueError(f"{model.name}: the output of stage {idx} ({shapes}) matches none of NCHW, NHWC or tokens of "
+                     f"forward_intermediates' map {tuple(ref.shape)}; the stage module and forward_intermediates "
+                     f"disagree")
+
+
+def stage_layout(model: nn.Module, x: Tensor, stage: int) -> StageLayout:
+    """The ``StageLayout`` of ``stage`` for inputs shaped like ``x`` (cached on the model per stage and shape)."""
+    idx, _ = _stage(model, stage)
+    cache = model.__dict__.setdefault("_explain_stage_layouts", {})
+    key = (idx, tuple(x.shape[1:]))
+    if key not in cache:
+        cache[key] = _learn_layout(model, x, idx)
+    return cache[key]
+
+
+class StageTap(nn.Module):
+    """While active, the output of stage ``stage`` flows through its NCHW view ``A`` (kept in ``self.maps``).
+
+    ``nchw`` is an ``nn.Identity`` on that path: a layer for captum's ``LayerGradCam`` and the like.
+    """
+
+    def __init__(self, model: nn.Module, stage: int) -> None:
+        super().__init__()
+        self.model = [model]  # not a submodule: the tap does not own the model
+        self.stage, self.module = _stage(model, stage)
+        self.nchw = nn.Identity()
+        self.maps: list[Tensor] = []
+        self.layout: StageLayout | None = None
+        self._handle = None
+
+    def prepare(self, x: Tensor) -> StageTap:
+        self.layout = stage_layout(self.model[0], x, self.stage)
+        return self
+
+    def _hook(self, module: nn.Module, args: tuple, out: Tensor | tuple) -> Tensor | tuple:
+        a = self.nchw(self.layout.to_nchw(out))
+        self.maps.append(a)
+        return self.layout.from_nchw(a, out)
+
+    def __enter__(self) -> StageTap:
+        if self.layout is None:
+            raise RuntimeError("StageTap: call prepare(x) before entering")
+        self.maps.clear()
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def resolve_targets(model: nn.Module, logits: Tensor, target: int | Sequence[int] | Tensor | None) -> Tensor:
+    """``(B,)`` class indices: the prediction when ``target`` is None, else ``target`` (checked against the head)."""
+    B, K = logits.shape
+    if target is None:
+        return logits.argmax(1)
+    t = torch.as_tensor(target, dtype=torch.long).flatten()
+    if t.numel() == 1:
+        t = t.expand(B)
+    if t.numel() != B:
+        raise ArgumentError(f"target: give one class or one per image ({B}), got {t.numel()}")
+    bad = t[(t < 0) | (t >= K)]
+    if bad.numel():
+        raise ArgumentError(f"target class {bad[0].item()} is out of range: {getattr(model, 'name', 'the model')} has "
+                         f"{K} classes (0..{K - 1})")
+    return t.to(logits.device)
+
+
+def _weights(method: str, a: Tensor, g: Tensor) -> Tensor:
+    """The CAM before ReLU, ``(B, h, w)``, from activations ``a`` and gradients ``g`` ``(B, C, h, w)``."""
+    if method == "gradcam":
+        return (g.mean((2, 3), keepdim=True) * a).sum(1)
+    if method == "gradcam++":
+        g2, g3 = g.pow(2), g.pow(3)
+        denom = 2 * g2 + a.sum((2, 3), keepdim=True) * g3
+        alpha = torch.where(g != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g))
+        return ((alpha * g.clamp_min(0)).sum((2, 3), keepdim=True) * a).sum(1)
+    if method == "layercam":
+        return (g.clamp_min(0) * a).sum(1)
+    raise AssertionError(method)
+
+
+def _finish(raw: Tensor, size: tuple[int, int], normalize: bool) -> Tensor:
+    m = F.interpolate(F.relu(raw)[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    if normalize:
+        lo = m.flatten(1).amin(1)[:, None, None]
+        hi = m.flatten(1).amax(1)[:, None, None]
+        m = (m - lo) / (hi - lo).clamp_min(1e-12)
+    return m
+
+
+@dataclass
+class CamResult:
+    """``maps`` ``(B, H, W)`` (input size, >= 0, in [0, 1] when normalised), ``targets`` ``(B,)``, the stage used,
+    and the stage's map size ``grid``."""
+
+    maps: Tensor
+    targets: Tensor
+    stage: int
+    grid: tuple[int, int]
+    method: str
+
+
+def cam(model: nn.Module, x: Tensor, method: str = "gradcam", stage: int | None = None,
+        target: int | Sequence[int] | Tensor | None = None, normalize: bool = True, batch_size: int = 32
+        ) -> CamResult:
+    """A class activation map of ``model`` for ``x`` ``(B, C, H, W)`` (normalised input) at ``stage``.
+
+    ``target``: a class, one per image, or None for the predicted class. ``batch_size``: masked images per
+    forward for Score-CAM. The model is run in its current mode (use ``model.eval()``).
+    """
+    if method not in CAM_METHODS:
+        raise ArgumentError(f"cam: method must be one of {CAM_METHODS}, got {method!r}")
+    if x.ndim != 4:
+        raise ValueError(f"cam: x must be a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+    stage = default_stage(model) if stage is None else stage
+    tap = StageTap(model, stage).prepare(x)
+    size = tuple(x.shape[-2:])
+    if method == "scorecam":
+        with torch.no_grad(), tap:
+            logits = model(x)
+        targets = resolve_targets(model, logits, target)
+        a = tap.maps[-1].detach()
+        return CamResult(_finish(_score_cam(model, x, a, targets, batch_size), size, normalize), targets.cpu(),
+                         tap.stage, tuple(a.shape[-2:]), method)
+    with torch.enable_grad(), tap:
+        logits = model(x.detach().requires_grad_(True))
+    targets = resolve_targets(model, logits, target)
+    a = tap.maps[-1]
+    score = logits.gather(1, targets[:, None]).sum()
+    (g,) = torch.autograd.grad(score, a)
+    if not g.abs().amax().item() > 0:
+        raise ValueError(f"{model.name}: the target's score has no gradient at stage {tap.stage} "
+                         f"({model.stage_info[tap.stage].module}); the head reads only the class token after it. "
+                         f"Use an earlier stage (the default, stage={default_stage(model)}, does this)")
+    raw = _weights(method, a.detach().float(), g.float())
+    return CamResult(_finish(raw, size, normalize), targets.cpu(), tap.stage, tuple(a.shape[-2:]), method)
+
+
+def _score_cam(model: nn.Module, x: Tensor, a: Tensor, targets: Tensor, batch_size: int) -> Tensor:
+    """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the input; the target's softmax probability
+    on the masked input weights the channel."""
+    B, C, h, w = a.shape
+    up = F.interpolate(a.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)  # (B, C, H, W)
+    lo, hi = up.flatten(2).amin(2)[..., None, None], up.flatten(2).amax(2)[..., None, None]
+    masks = (up - lo) / (hi - lo).clamp_min(1e-12)
+    weights = torch.empty(B, C)
+    with torch.no_grad():
+        for b in range(B):
+            for c0 in range(0, C, batch_size):
+                m = masks[b, c0:c0 + batch_size, None]  # (c, 1, H, W)
+                probs = model(x[b:b + 1] * m.to(x.dtype)).softmax(1)  # (c, classes)
+                weights[b, c0:c0 + m.shape[0]] = probs[:, targets[b]].float().cpu()
+    return (weights[:, :, None, None].to(a.device) * a.float()).sum(1)
