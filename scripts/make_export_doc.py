@@ -15,21 +15,20 @@ import sys
 import torch
 
 import visionzoo
-from visionzoo.export.matrix import markdown, run_paths
+from visionzoo.export.matrix import markdown, run_many
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="model names (default: every *_test variant)")
     p.add_argument("--out", default="docs/export.md")
+    p.add_argument("--workers", type=int, default=2, help="processes running models side by side (one thread each)")
     args = p.parse_args()
     torch.set_num_threads(1)
     names = args.models or visionzoo.list_models("*_test")
-    rows = []
-    for name in names:
-        row = run_paths(name)
-        rows.append(row)
-        print(f"{name}: {'ok' if row.ok else row.errors} ({row.seconds:.1f} s)", file=sys.stderr, flush=True)
+    rows = list(run_many(names, workers=args.workers).values())
+    for row in rows:
+        print(f"{row.model}: {'ok' if row.ok else row.errors} ({row.seconds:.1f} s)", file=sys.stderr)
     import onnxruntime
     import onnxscript
 

@@ -16,14 +16,16 @@ from visionzoo.export.verify import ExportReport, explain_failure, images_per_se
 
 @contextlib.contextmanager
 def _quiet_exporter():  # noqa: ANN202
-    """Silence the exporter's per-call log lines (e.g. that torchvision's ops are skipped, as torchvision is absent)."""
-    log = logging.getLogger("torch.onnx")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    """Silence the exporter's and optimiser's per-call log lines (torchvision ops skipped, constant folding notes)."""
+    logs = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):  # noqa: ANN201  (onnxruntime.InferenceSession)
