@@ -312,7 +312,7 @@ def _kernel_stamp(dtype: str, shared: B.Shared) -> dict[str, Any]:
 
     with contextlib.suppress(Exception):
         k = linear_kernel("bf16" if dtype == "bf16" else "fp32", cache_dir=shared.cache_dir)
-        return dict(kernel=k.kernel, speedup=k.speedup, dtype=k.dtype, cached=k.cached)
+        return dict(kernel=k.kernel, speedup=k.speedup, dtype=k.dtype, source=k.source)
     return {}
 
 

@@ -27,6 +27,7 @@ FP32_TOL = 1e-4  # issue 11: fp32 backends agree with eager within 1e-4, relativ
 def tiny_setup(monkeypatch, tmp_path):
     """A private cache per test, and Linear calibration on small shapes (the real ones take a second or two)."""
     monkeypatch.setenv("VISIONZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VISIONZOO_LINEAR_KERNEL", raising=False)
     monkeypatch.setattr(L, "CALIBRATION_SHAPES", ((64, 32, 48), (16, 64, 32)))
 
 
@@ -276,6 +277,16 @@ def test_linear_kernel_is_measured_once_and_cached(monkeypatch):
     again = L.linear_kernel()
     assert again.cached and again.kernel == first.kernel and again.gflops == first.gflops
     assert "Linear kernel" in again.summary()
+
+
+def test_linear_kernel_can_be_pinned_by_the_environment(monkeypatch):
+    monkeypatch.setenv("VISIONZOO_LINEAR_KERNEL", "aten")
+    monkeypatch.setattr(L, "measure_linear_kernels", lambda **kw: pytest.fail("measured although pinned"))
+    choice = L.linear_kernel()
+    assert choice.kernel == "aten" and choice.source == "VISIONZOO_LINEAR_KERNEL" and not choice.cached
+    monkeypatch.setenv("VISIONZOO_LINEAR_KERNEL", "blas-9000")
+    with pytest.raises(ValueError, match="VISIONZOO_LINEAR_KERNEL must be one of"):
+        L.linear_kernel()
 
 
 def test_fast_linear_arguments_are_checked(model_x):

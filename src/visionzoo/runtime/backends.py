@@ -182,8 +182,8 @@ def _eager_tuned(dtype: str, shared: Shared) -> Built:
     memo = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
     model = fast_linear(copy.deepcopy(base, memo), kernel=choice.kernel, dtype=dtype, inplace=True)
     n = count_swapped(model)
-    detail = (f"{shared.fuse_note or 'no fuse()'}; {n} Linear on {choice.kernel} "
-              f"({choice.speedup:.2f}x aten on the calibration shapes)")
+    why = (f"{choice.speedup:.2f}x aten on the calibration shapes" if choice.gflops else f"set by {choice.source}")
+    detail = f"{shared.fuse_note or 'no fuse()'}; {n} Linear on {choice.kernel} ({why})"
     return Built(_torch_runner(model, dtype), detail + (", bf16 autocast" if dtype == "bf16" else ""),
                  module=model)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -90,9 +91,15 @@ class KernelChoice:
     threads: int = 1
     torch: str = ""
     dtype: str = "fp32"
-    cached: bool = False
+    source: str = "measured"  # measured | cache | VISIONZOO_LINEAR_KERNEL (set by the user, not measured)
+
+    @property
+    def cached(self) -> bool:
+        return self.source == "cache"
 
     def summary(self) -> str:
+        if not self.gflops:
+            return f"{self.dtype} Linear kernel on {self.cpu}: {self.kernel} (from {self.source}, not measured)"
         rates = ", ".join(f"{k} {_gmean(v):.0f}" for k, v in self.gflops.items())
         return (f"{self.dtype} Linear kernel on {self.cpu} ({self.threads} thread(s)): {self.kernel} "
                 f"({self.speedup:.2f}x aten; GFLOP/s geometric mean over {len(self.shapes)} shapes: {rates})")
@@ -156,18 +163,29 @@ def measure_linear_kernels(shapes: tuple[tuple[int, int, int], ...] | None = Non
 
 def linear_kernel(dtype: str = "fp32", cache: bool = True, cache_dir: str | None = None,
                   refresh: bool = False) -> KernelChoice:
-    """The fastest Linear kernel here, measured once per CPU model, torch version, threads and dtype (cached)."""
+    """The fastest Linear kernel here, measured once per CPU model, torch version, threads and dtype (cached).
+
+    ``VISIONZOO_LINEAR_KERNEL=aten|onednn`` in the environment pins the kernel without measuring (reproducible
+    runs, tests); the record then says so.
+    """
+    name, flags = cpu_info()
+    pinned = os.environ.get("VISIONZOO_LINEAR_KERNEL")
+    if pinned:
+        if pinned not in KERNELS:
+            raise ValueError(f"VISIONZOO_LINEAR_KERNEL must be one of {KERNELS}, got {pinned!r}")
+        if pinned == "onednn" and not onednn_available():
+            pinned = "aten"
+        return KernelChoice(kernel=pinned, speedup=1.0, cpu=name, cpu_flags=flags, threads=torch.get_num_threads(),
+                            torch=torch.__version__, dtype=dtype, source="VISIONZOO_LINEAR_KERNEL")
     store = JsonCache("linear_kernels.json", cache_dir)
-    name, _ = cpu_info()
     k = key(cpu=name, torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype,
             shapes=CALIBRATION_SHAPES, onednn=onednn_available())
     if cache and not refresh:
         hit = store.get(k)
-        if hit:
-            with_shapes = {**hit, "shapes": [tuple(s) for s in hit.get("shapes", [])], "cached": True}
-            choice = KernelChoice(**{f: with_shapes[f] for f in KernelChoice.__dataclass_fields__ if f in with_shapes})
-            if choice.kernel in KERNELS:
-                return choice
+        if hit and hit.get("kernel") in KERNELS:
+            fields = {f: hit[f] for f in KernelChoice.__dataclass_fields__ if f in hit}
+            fields["shapes"] = [tuple(sh) for sh in fields.get("shapes", [])]
+            return KernelChoice(**{**fields, "source": "cache"})
     choice = measure_linear_kernels(dtype=dtype)
     if cache:
         store.put(k, asdict(choice))
