@@ -76,7 +76,7 @@ class DeployRecord:
     threads: int = 1
     torch: str = ""
     versions: dict[str, str] = field(default_factory=dict)
-    linear_kernel: dict[str, Any] = field(default_factory=dict)
+    kernels: dict[str, Any] = field(default_factory=dict)  # eager_tuned's kernel per op, measured on this CPU
     cached: bool = False
     time: str = ""
 
@@ -302,18 +302,22 @@ def _choose(model: nn.Module, x: Tensor, ref: Tensor, pool: tuple[str, ...], dty
                        tolerance=tol, rel_diff=best.rel_diff, top1_agreement=best.top1_agreement,
                        speedup_vs_eager=speedup, candidates=cands, cpu=name, cpu_flags=flags,
                        threads=torch.get_num_threads(), torch=torch.__version__, versions=B.versions(),
-                       linear_kernel=_kernel_stamp(dtype, shared), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                       kernels=_kernel_stamp(dtype, shared), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     chosen = built[best.backend]
     return Deployed(chosen.run, rec, chosen.module)
 
 
 def _kernel_stamp(dtype: str, shared: B.Shared) -> dict[str, Any]:
-    from visionzoo.runtime.linear import linear_kernel
+    """The kernel per op that eager_tuned used in this call (or would use), and where the choice came from."""
+    from visionzoo.runtime.kernels import OPS, kernel_choice
 
-    with contextlib.suppress(Exception):
-        k = linear_kernel("bf16" if dtype == "bf16" else "fp32", cache_dir=shared.cache_dir)
-        return dict(kernel=k.kernel, speedup=k.speedup, dtype=k.dtype, source=k.source)
-    return {}
+    dt = "bf16" if dtype == "bf16" else "fp32"
+    out = {}
+    for op in OPS:
+        with contextlib.suppress(Exception):
+            k = shared.kernels.get(dt, {}).get(op) or kernel_choice(op, dt, cache_dir=shared.cache_dir)
+            out[op] = dict(kernel=k.kernel, speedup=k.speedup, dtype=k.dtype, source=k.source)
+    return out
 
 
 def _why(best: Candidate, ok: list[Candidate], requested: str, tol: float, speedup: float | None) -> str:

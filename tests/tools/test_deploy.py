@@ -15,7 +15,7 @@ from conftest import make_input
 from visionzoo.deploy import Deployed, DeployRecord, deploy, time_interleaved
 from visionzoo.errors import BackendUnavailable
 from visionzoo.runtime import backends as B
-from visionzoo.runtime import linear as L
+from visionzoo.runtime import kernels as L
 from visionzoo.runtime.cpu import cpu_info, has_bf16
 
 D = importlib.import_module("visionzoo.deploy")  # the module (visionzoo.deploy, the attribute, is the function)
@@ -25,10 +25,14 @@ FP32_TOL = 1e-4  # issue 11: fp32 backends agree with eager within 1e-4, relativ
 
 @pytest.fixture(autouse=True)
 def tiny_setup(monkeypatch, tmp_path):
-    """A private cache per test, and Linear calibration on small shapes (the real ones take a second or two)."""
+    """A private cache per test; kernels pinned to oneDNN (conftest) except where a test measures them, then on
+    small shapes and short samples (the real calibration takes seconds)."""
     monkeypatch.setenv("VISIONZOO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("VISIONZOO_LINEAR_KERNEL", raising=False)
-    monkeypatch.setattr(L, "CALIBRATION_SHAPES", ((64, 32, 48), (16, 64, 32)))
+    monkeypatch.setattr(L, "CALIBRATION_ROUNDS", 2)
+    monkeypatch.setattr(L, "CALIBRATION_SAMPLE_S", 0.0)
+    monkeypatch.setitem(L.CALIBRATION, "linear", ((64, (32, 48, 32)), (16, (64, 32))))
+    conv_cases = ((1, 16, ((8, 8, 3, 1, 1), (8, 8, 3, 1, 8))), (2, 8, ((8, 4, 1, 1, 1),)))
+    monkeypatch.setitem(L.CALIBRATION, "conv2d", conv_cases)
 
 
 @pytest.fixture
@@ -121,7 +125,7 @@ def test_deploy_leaves_the_model_alone(model_x):
     deploy(model, x, backend="eager_tuned", budget=0)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(isinstance(m, L.OneDNNLinear) for m in model.modules())
+    assert not any(isinstance(m, (L.OneDNNLinear, L.OneDNNConv2d)) for m in model.modules())
 
 
 # --- auto ------------------------------------------------------------------------------------------------------
@@ -137,7 +141,8 @@ def test_auto_chooses_a_valid_backend_and_records_why(model_x):
     assert chosen[0].ms == min(c.ms for c in rec.candidates)
     assert rec.why and rec.speedup_vs_eager > 0 and rec.tolerance == FP32_TOL
     assert rec.cpu and rec.torch == torch.__version__ and rec.threads == torch.get_num_threads()
-    assert rec.linear_kernel["kernel"] in L.KERNELS
+    assert {k["kernel"] for k in rec.kernels.values()} <= set(L.KERNELS) and set(rec.kernels) == set(L.OPS)
+    assert all(k["source"] == "VISIONZOO_KERNEL" for k in rec.kernels.values())  # pinned by conftest
     assert rec.backend in rec.summary() and rec.cpu in rec.summary()
     with torch.no_grad():
         assert _rel(fast(x), model(x)) <= FP32_TOL
@@ -155,6 +160,15 @@ def test_auto_choice_is_cached_per_model_shape_and_dtype(model_x, tmp_path):
     assert not fresh.record.cached
     back = DeployRecord.from_dict(dataclasses.asdict(first.record))
     assert back.candidates == first.record.candidates
+
+
+def test_eager_tuned_measures_its_kernels_once_per_cpu(model_x, monkeypatch):
+    monkeypatch.delenv("VISIONZOO_KERNEL", raising=False)
+    model, x = model_x
+    rec = deploy(model, x, backend="eager_tuned", budget=0).record
+    assert all(k["source"] == "measured" for k in rec.kernels.values())
+    again = deploy(model, x, backend="eager_tuned", budget=0).record
+    assert all(k["source"] == "cache" for k in again.kernels.values())
 
 
 def test_auto_picks_the_fastest_by_measurement(model_x, monkeypatch):
@@ -253,15 +267,20 @@ def test_arguments_are_checked(model_x):
         deploy(model, x, candidates=("eager", "tensorrt"))
 
 
-# --- the Linear kernel (item 2) ------------------------------------------------------------------------------
+# --- the per-CPU kernels (item 2) -----------------------------------------------------------------------------
 @pytest.mark.skipif(not L.onednn_available(), reason="this torch build has no oneDNN")
-def test_fast_linear_onednn_matches_eager_and_keeps_the_state_dict(model_x):
+def test_fast_kernels_onednn_match_eager_and_keep_the_state_dict(model_x):
     model, x = model_x
-    fast = L.fast_linear(model, kernel="onednn")
-    assert L.count_swapped(fast) > 0 and L.count_swapped(model) == 0
+    fast = L.fast_kernels(model, kernels="onednn")
+    n = L.count_swapped(fast)
+    assert n["linear"] > 0 and n["conv2d"] > 0 and L.count_swapped(model) == {"linear": 0, "conv2d": 0}
     with torch.no_grad():
-        assert (fast(x) - model(x)).abs().max().item() <= 1e-5
-        assert (copy.deepcopy(fast)(x) - model(x)).abs().max().item() <= 1e-5  # packed weights are not copied
+        ref = model(x)
+        assert (fast(x) - ref).abs().max().item() <= 1e-5
+        assert (fast(x.contiguous(memory_format=torch.channels_last)) - ref).abs().max().item() <= 1e-5
+        assert (copy.deepcopy(fast)(x) - ref).abs().max().item() <= 1e-5  # packed weights are not copied
+        x3 = make_input(model, batch=3, seed=1)  # another shape than the one the convolutions were packed for
+        assert (fast(x3) - model(x3)).abs().max().item() <= 1e-5
     assert fast.state_dict().keys() == model.state_dict().keys()
     fast.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})  # repacked on change
     with torch.no_grad():
@@ -269,32 +288,50 @@ def test_fast_linear_onednn_matches_eager_and_keeps_the_state_dict(model_x):
         assert lin(torch.ones(2, lin.in_features)).abs().max().item() == 0
 
 
-def test_linear_kernel_is_measured_once_and_cached(monkeypatch):
-    first = L.linear_kernel()
+@pytest.mark.skipif(not L.onednn_available(), reason="this torch build has no oneDNN")
+def test_onednn_conv2d_takes_every_zero_padding():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 15, 15)
+    for conv in (torch.nn.Conv2d(8, 4, 3, 2, 1), torch.nn.Conv2d(8, 8, 5, padding="same", groups=8),
+                 torch.nn.Conv2d(8, 4, 3, padding="valid", dilation=2, bias=False)):
+        fast = L.fast_kernels(torch.nn.Sequential(conv), kernels="onednn")
+        assert L.count_swapped(fast)["conv2d"] == 1
+        with torch.no_grad():
+            assert (fast(x) - conv(x)).abs().max().item() <= 1e-5
+    even_same = torch.nn.Sequential(torch.nn.Conv2d(8, 4, 2, padding="same"))  # asymmetric: left to aten
+    assert L.count_swapped(L.fast_kernels(even_same, kernels="onednn"))["conv2d"] == 0
+
+
+def test_kernel_choice_is_measured_once_and_cached(monkeypatch):
+    monkeypatch.delenv("VISIONZOO_KERNEL", raising=False)
+    first = L.kernel_choice("conv2d")
     assert first.kernel in L.KERNELS and not first.cached and set(first.gflops) >= {"aten"}
+    assert len(first.cases) == len(first.gflops["aten"]) == 2
     assert first.cpu == cpu_info()[0] and first.threads == torch.get_num_threads()
-    monkeypatch.setattr(L, "measure_linear_kernels", lambda **kw: pytest.fail("measured twice"))
-    again = L.linear_kernel()
+    monkeypatch.setattr(L, "measure_kernels", lambda *a, **kw: pytest.fail("measured twice"))
+    again = L.kernel_choice("conv2d")
     assert again.cached and again.kernel == first.kernel and again.gflops == first.gflops
-    assert "Linear kernel" in again.summary()
+    assert "conv2d kernel" in again.summary()
 
 
-def test_linear_kernel_can_be_pinned_by_the_environment(monkeypatch):
-    monkeypatch.setenv("VISIONZOO_LINEAR_KERNEL", "aten")
-    monkeypatch.setattr(L, "measure_linear_kernels", lambda **kw: pytest.fail("measured although pinned"))
+def test_kernel_choice_can_be_pinned_by_the_environment(monkeypatch):
+    monkeypatch.setenv("VISIONZOO_KERNEL", "aten")
+    monkeypatch.setattr(L, "measure_kernels", lambda *a, **kw: pytest.fail("measured although pinned"))
     choice = L.linear_kernel()
-    assert choice.kernel == "aten" and choice.source == "VISIONZOO_LINEAR_KERNEL" and not choice.cached
-    monkeypatch.setenv("VISIONZOO_LINEAR_KERNEL", "blas-9000")
-    with pytest.raises(ValueError, match="VISIONZOO_LINEAR_KERNEL must be one of"):
+    assert choice.kernel == "aten" and choice.source == "VISIONZOO_KERNEL" and not choice.cached
+    monkeypatch.setenv("VISIONZOO_KERNEL", "blas-9000")
+    with pytest.raises(ValueError, match="VISIONZOO_KERNEL must be one of"):
         L.linear_kernel()
 
 
-def test_fast_linear_arguments_are_checked(model_x):
+def test_fast_kernels_arguments_are_checked(model_x):
     model, _ = model_x
     with pytest.raises(ValueError, match="kernel must be"):
         L.fast_linear(model, kernel="mkl-turbo")
     with pytest.raises(ValueError, match="dtype must be"):
-        L.fast_linear(model, kernel="aten", dtype="fp16")
+        L.fast_kernels(model, kernels="aten", dtype="fp16")
+    with pytest.raises(ValueError, match="ops must be among"):
+        L.fast_kernels(model, kernels="aten", ops=("attention",))
 
 
 def test_deploy_is_public():

@@ -58,7 +58,7 @@ def _best_gflops(fn, flop: float, seconds: float) -> float:  # noqa: ANN001
 def kernel_peaks(n: int = 2048, seconds: float = 0.4) -> dict[str, float]:
     """Best GFLOP/s of an ``n x n @ n x n`` product through each CPU kernel that is installed: ``aten_fp32``
     (torch's BLAS), ``onednn_fp32`` (prepacked inner product), ``mlas_fp32`` (onnxruntime), ``onednn_bf16``."""
-    from visionzoo.runtime.linear import onednn_available
+    from visionzoo.runtime.kernels import onednn_available
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)

@@ -3,7 +3,7 @@
 | backend       | fp32 | bf16 | int8 | what it runs |
 |---|---|---|---|---|
 | `eager`       | ✓ | autocast | dynamic-quantized Linear | the model as given, under `inference_mode` |
-| `eager_tuned` | ✓ | autocast, bf16 packed Linear | - | `fuse()`, then every Linear on the kernel measured fastest |
+| `eager_tuned` | ✓ | autocast, bf16 packed | - | `fuse()`, each Linear/Conv2d on the kernel measured fastest |
 | `inductor`    | ✓ | autocast | - | `torch.compile` with freezing (weights folded and prepacked) |
 | `onnxruntime` | ✓ | - | dynamic quantization | the ONNX file of `visionzoo.export.onnx` |
 | `openvino`    | ✓ | bf16 inference precision | - | the same ONNX file, compiled by OpenVINO for this CPU |
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from visionzoo.errors import BackendUnavailable
 from visionzoo.runtime.cpu import cpu_name, has_bf16
-from visionzoo.runtime.linear import count_swapped, fast_linear, linear_kernel
+from visionzoo.runtime.kernels import OPS, count_swapped, fast_kernels, kernel_choice
 
 BACKENDS = ("eager", "eager_tuned", "inductor", "onnxruntime", "openvino")
 DTYPES = ("fp32", "bf16", "int8")
@@ -60,6 +60,7 @@ class Shared:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._onnx: str | None = None
         self._onnx_error: Exception | None = None
+        self.kernels: dict[str, dict] = {}  # dtype -> {op: KernelChoice} that eager_tuned used
 
     @property
     def fused(self) -> nn.Module:
@@ -176,16 +177,24 @@ def _eager(dtype: str, shared: Shared) -> Built:
 
 
 def _eager_tuned(dtype: str, shared: Shared) -> Built:
-    choice = linear_kernel(dtype, cache_dir=shared.cache_dir)
+    choices = {op: kernel_choice(op, dtype, cache_dir=shared.cache_dir) for op in OPS}
+    shared.kernels[dtype] = choices
     base = shared.fused
     # a structural copy that shares the fused weights: the swap replaces modules, never tensors
     memo = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
-    model = fast_linear(copy.deepcopy(base, memo), kernel=choice.kernel, dtype=dtype, inplace=True)
+    model = fast_kernels(copy.deepcopy(base, memo), {op: c.kernel for op, c in choices.items()}, dtype, inplace=True)
     n = count_swapped(model)
-    why = (f"{choice.speedup:.2f}x aten on the calibration shapes" if choice.gflops else f"set by {choice.source}")
-    detail = f"{shared.fuse_note or 'no fuse()'}; {n} Linear on {choice.kernel} ({why})"
-    return Built(_torch_runner(model, dtype), detail + (", bf16 autocast" if dtype == "bf16" else ""),
-                 module=model)
+    names = {"linear": "Linear", "conv2d": "Conv2d"}
+    parts = [f"{n[op]} {names[op]} on oneDNN ({c.speedup:.2f}x aten)" if c.gflops and n[op] else
+             f"{n[op]} {names[op]} on oneDNN (set by {c.source})" if n[op] else
+             f"{names[op]} on aten ({'measured fastest' if c.gflops else 'set by ' + c.source})"
+             for op, c in choices.items()]
+    detail = f"{shared.fuse_note or 'no fuse()'}; " + ", ".join(parts)
+    run = _torch_runner(model, dtype)
+    if n["conv2d"] and shared.x.dim() == 4:  # oneDNN's convolutions run NHWC without reordering (NCHW would)
+        inner, run = run, lambda x: inner(x.contiguous(memory_format=torch.channels_last))
+        detail += ", NHWC input"
+    return Built(run, detail + (", bf16 autocast" if dtype == "bf16" else ""), module=model)
 
 
 def _inductor(dtype: str, shared: Shared) -> Built:
