@@ -4,7 +4,7 @@
 |---|---|---|---|---|
 | `eager`       | ✓ | autocast | dynamic-quantized Linear | the model as given, under `inference_mode` |
 | `eager_tuned` | ✓ | autocast, bf16 packed | - | `fuse()`, each Linear/Conv2d on the kernel measured fastest |
-| `inductor`    | ✓ | autocast | - | `torch.compile` with freezing (weights folded and prepacked) |
+| `inductor`    | ✓ | autocast | - | `torch.compile`, freezing: weights folded, prepacked (oneDNN where faster) |
 | `onnxruntime` | ✓ | - | dynamic quantization | the ONNX file of `visionzoo.export.onnx` |
 | `openvino`    | ✓ | bf16 inference precision | - | the same ONNX file, compiled by OpenVINO for this CPU |
 
@@ -204,16 +204,26 @@ def _inductor(dtype: str, shared: Shared) -> Built:
     cl = bool(getattr(model, "cpu_channels_last", False)) and shared.x.dim() == 4
     if cl:
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    # one static graph per input shape; freezing is read when a graph is compiled (at its first call), and
-    # only from the global config (compile's options= does not reach it), so every call runs under the patch
-    compiled = torch.compile(model, dynamic=False)
+    # With freezing, inductor prepacks an fp32 Linear for MKL when the batch size is static and for oneDNN when it
+    # is symbolic (torch/_inductor/fx_passes/mkldnn_fusion.py). Where oneDNN measured faster here, the batch is
+    # made symbolic (from batch 2: torch.export and dynamo specialise 0 and 1), which also lets inductor fuse
+    # the GELU/add after a Linear into the oneDNN call. Otherwise one static graph per input shape.
+    onednn = (dtype == "fp32" and shared.x.shape[0] >= 2
+              and kernel_choice("linear", "fp32", cache_dir=shared.cache_dir).kernel == "onednn")
+    compiled = torch.compile(model, dynamic=None if onednn else False)
     inner = _torch_runner(compiled, dtype)
 
     def run(x: Tensor) -> Tensor:
+        # freezing is read when a graph is compiled (its first call), and only from the global config (compile's
+        # options= does not reach it), so every call runs under the patch
         with inductor_config.patch(freezing=True):
             return inner(x.contiguous(memory_format=torch.channels_last) if cl else x)
-    run(shared.x)  # compile now, so build time holds the compile
-    return Built(run, f"torch.compile (inductor, freezing{', channels-last' if cl else ''}"
+    x = shared.x.clone()
+    if onednn:
+        torch._dynamo.mark_dynamic(x, 0)
+    run(x)  # compile now, so build time holds the compile
+    how = "symbolic batch: Linear prepacked for oneDNN" if onednn else "static shapes"
+    return Built(run, f"torch.compile (inductor, freezing, {how}{', channels-last' if cl else ''}"
                  f"{', bf16 autocast' if dtype == 'bf16' else ''}); {shared.fuse_note or 'no fuse()'}",
                  module=compiled)
 
