@@ -172,6 +172,21 @@ def test_backend_auto_records_the_choice_per_row():
     assert r.backend in ("eager", "eager_tuned") and r.infer_samples_per_sec > 0
 
 
+def test_cli_bench_names_the_backend(tmp_path, capsys):
+    rc = main(["bench", "convnext_test", "--backend", "eager", "--batch-size", "1", "--img-size", "64", "--budget",
+               "0.03", "--repeats", "1", "--threads", "1", "--in-process", "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "on backend eager: torch eager, the model as given" in out
+    assert "every architecture on one backend: eager" in out
+
+
+def test_int8_rows_run_through_deploy():
+    (r,) = run(["convnext_test"], BenchConfig(dtype="int8", **ONE))
+    assert r.status != "error", r.error
+    assert r.backend == "eager" and r.dtype == "int8" and "int8" in r.backend_detail and r.infer_mfu is None
+
+
 def test_backend_options_are_checked():
     assert BenchConfig(deploy=True).resolved().backend == "auto"
     assert BenchConfig(compile="default").resolved().backend == "eager"  # --compile measures the model as given

@@ -60,8 +60,10 @@ class BenchConfig:
                 setattr(self, key, quick if lineup else full)
         if self.deploy:
             self.backend = "auto"
-        elif self.backend == DEFAULT_BACKEND and (self.compile or self.dtype == "fp16" or self.device != "cpu"):
-            self.backend = "eager"  # compile, fp16 autocast and GPUs measure the model as given
+        elif self.backend == DEFAULT_BACKEND and (self.compile or self.dtype in ("fp16", "int8")
+                                                   or self.device != "cpu"):
+            # compile, fp16 autocast and GPUs measure the model as given; int8 is torch's dynamic quantization
+            self.backend = "eager"
         return self
 
     def validate(self) -> BenchConfig:
