@@ -183,6 +183,8 @@ def deploy(model: nn.Module, example_input: Tensor, backend: str = "auto", dtype
            allow_slower: bool = False, cache: bool = True, cache_dir: str | None = None) -> Deployed:
     """Run ``model`` on the fastest backend of this machine (or on ``backend``), checked against eager fp32.
 
+    ``model`` is put in eval mode and otherwise left alone: backends that fuse, pack or compile work on a copy.
+
     Args:
         example_input: a batch as the model takes it (float32, CPU); its shape is the one timed and cached.
         backend: ``"auto"`` or one of ``visionzoo.runtime.backends.BACKENDS``.
