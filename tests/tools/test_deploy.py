@@ -119,6 +119,21 @@ def test_inductor_parity_fp32(model_x):
         assert _rel(fast(x), model(x)) <= FP32_TOL
 
 
+@pytest.mark.slow
+def test_inductor_falls_back_to_static_shapes_where_the_batch_cannot_be_symbolic(monkeypatch):
+    _skip_unless("inductor")
+
+    def refuse(x, dim):
+        raise RuntimeError("GuardOnDataDependentSymNode: the model branches on the batch size")
+    monkeypatch.setattr(torch._dynamo.decorators, "mark_unbacked", refuse)
+    model, x = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval(), torch.randn(2, 8)
+    fast = deploy(model, x, backend="inductor", budget=0)  # conftest pins oneDNN: the symbolic batch is tried
+    chosen = [c for c in fast.record.candidates if c.status == "chosen"][0]
+    assert "symbolic batch failed (RuntimeError), static shapes" in chosen.detail
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) <= FP32_TOL
+
+
 def test_deploy_leaves_the_model_alone(model_x):
     model, x = model_x
     before = copy.deepcopy(model.state_dict())

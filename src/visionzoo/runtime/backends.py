@@ -205,27 +205,34 @@ def _inductor(dtype: str, shared: Shared) -> Built:
     if cl:
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     # With freezing, inductor prepacks an fp32 Linear for MKL when the batch size is static and for oneDNN when it
-    # is symbolic (torch/_inductor/fx_passes/mkldnn_fusion.py). Where oneDNN measured faster here, the batch is
-    # made symbolic (from batch 2: torch.export and dynamo specialise 0 and 1), which also lets inductor fuse
-    # the GELU/add after a Linear into the oneDNN call. Otherwise one static graph per input shape.
-    onednn = (dtype == "fp32" and shared.x.shape[0] >= 2
-              and kernel_choice("linear", "fp32", cache_dir=shared.cache_dir).kernel == "onednn")
-    compiled = torch.compile(model, dynamic=None if onednn else False)
-    inner = _torch_runner(compiled, dtype)
+    # is symbolic (torch/_inductor/fx_passes/mkldnn_fusion.py), and fuses the GELU/add after it into the oneDNN
+    # call. Where oneDNN measured faster here the batch is made symbolic: unbacked, so that batch 1 is not
+    # specialised; a model whose code branches on the batch size then falls back to static shapes.
+    onednn = dtype == "fp32" and kernel_choice("linear", "fp32", cache_dir=shared.cache_dir).kernel == "onednn"
+    errors = []
+    for symbolic in (True, False) if onednn else (False,):
+        compiled = torch.compile(model, dynamic=None if symbolic else False)
+        inner = _torch_runner(compiled, dtype)
 
-    def run(x: Tensor) -> Tensor:
-        # freezing is read when a graph is compiled (its first call), and only from the global config (compile's
-        # options= does not reach it), so every call runs under the patch
-        with inductor_config.patch(freezing=True):
-            return inner(x.contiguous(memory_format=torch.channels_last) if cl else x)
-    x = shared.x.clone()
-    if onednn:
-        torch._dynamo.mark_dynamic(x, 0)
-    run(x)  # compile now, so build time holds the compile
-    how = "symbolic batch: Linear prepacked for oneDNN" if onednn else "static shapes"
-    return Built(run, f"torch.compile (inductor, freezing, {how}{', channels-last' if cl else ''}"
-                 f"{', bf16 autocast' if dtype == 'bf16' else ''}); {shared.fuse_note or 'no fuse()'}",
-                 module=compiled)
+        def run(x: Tensor, inner=inner) -> Tensor:  # noqa: ANN001
+            # freezing is read when a graph is compiled (its first call), and only from the global config
+            # (compile's options= does not reach it), so every call runs under the patch
+            with inductor_config.patch(freezing=True):
+                return inner(x.contiguous(memory_format=torch.channels_last) if cl else x)
+        x = shared.x.clone()
+        try:
+            if symbolic:
+                torch._dynamo.decorators.mark_unbacked(x, 0)
+            run(x)  # compile now, so build time holds the compile
+            break
+        except Exception as e:  # noqa: BLE001
+            if not symbolic:
+                raise
+            errors.append(f"symbolic batch failed ({type(e).__name__}), static shapes")
+    how = "unbacked batch: Linear prepacked for oneDNN" if onednn and not errors else "static shapes"
+    return Built(run, f"torch.compile (inductor, freezing, {errors[0] if errors else how}"
+                 f"{', channels-last' if cl else ''}{', bf16 autocast' if dtype == 'bf16' else ''}); "
+                 f"{shared.fuse_note or 'no fuse()'}", module=compiled)
 
 
 def _onnxruntime(dtype: str, shared: Shared) -> Built:
