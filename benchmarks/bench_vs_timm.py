@@ -28,6 +28,9 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=5.0)
     p.add_argument("--deploy", action="store_true", help="ours: fuse + channels-last + compile; timm: the same "
                    "minus fuse (timm has no common fuse)")
+    p.add_argument("--backend", default="eager", choices=("eager", "eager_tuned"),
+                   help="eager: both models as given (default); eager_tuned: both after fuse() with each Linear and "
+                        "Conv2d on the kernel measured fastest here (timm's model gets the same generic swap)")
     p.add_argument("--out", default="bench-results")
     args = p.parse_args()
     try:
@@ -37,9 +40,11 @@ def main() -> int:
         return 2
     cfg = BenchConfig(batch_sizes=tuple(args.batch_size), threads=args.threads, repeats=args.repeats,
                       budget=args.budget, omp_wait_policy="passive", compare_timm=True, roofline=True,
-                      fuse=args.deploy, channels_last=args.deploy, compile="default" if args.deploy else None)
+                      fuse=args.deploy, channels_last=args.deploy, compile="default" if args.deploy else None,
+                      backend="eager" if args.deploy else args.backend)
     res = run(args.models, cfg, progress=lambda name, i, n, rows: print(f"[{i + 1}/{n}] {name} done", flush=True))
-    print(f"\ntimm {timm.__version__}; {'deploy (fuse, channels-last, compile)' if args.deploy else 'eager fp32'}")
+    what = "deploy (fuse, channels-last, compile)" if args.deploy else f"{args.backend} fp32"
+    print(f"\ntimm {timm.__version__}; {what}")
     print(f"{'model':32s} {'batch':>5s} {'ours img/s':>11s} {'timm img/s':>11s} {'ours/timm':>9s} {'MFU':>6s}  note")
     for r in res:
         if r.status == "error":

@@ -16,6 +16,17 @@ FULL_MODELS = visionzoo.list_models(exclude_test=True)
 _CACHE: dict[str, torch.nn.Module] = {}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_visionzoo_cache(tmp_path_factory):
+    """Measured choices (deploy backends, kernels) go to a temporary cache, never the user's; the Linear/Conv2d
+    kernel is pinned (its calibration takes seconds on a loaded machine; tests/tools/test_deploy.py measures it)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VISIONZOO_CACHE", str(tmp_path_factory.mktemp("visionzoo-cache")))
+    mp.setenv("VISIONZOO_KERNEL", "onednn")
+    yield
+    mp.undo()
+
+
 def _build(name: str) -> torch.nn.Module:
     if name not in _CACHE:
         torch.manual_seed(0)

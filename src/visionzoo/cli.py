@@ -3,6 +3,7 @@ call the package."""
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -23,20 +24,26 @@ def _console():
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from visionzoo.bench.report import output_folder, summary_lines, table, update_latest, write_all
+    from visionzoo.bench.report import BACKEND_NOTES, output_folder, summary_lines, table, update_latest, write_all
     from visionzoo.bench.runner import resolve_models, run
     from visionzoo.bench.schema import BenchConfig
 
     cfg = BenchConfig(batch_sizes=args.batch_size and tuple(args.batch_size), img_size=args.img_size,
-                      dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
-                      deploy=args.deploy, freeze=not args.no_freeze, threads=args.threads, device=args.device,
-                      mode=args.mode, repeats=args.repeats, budget=args.budget, subprocess=not args.in_process,
-                      omp_wait_policy=args.omp_wait_policy, malloc_policy=args.malloc,
-                      compare_timm=args.compare_timm, roofline=args.roofline, timeout=args.timeout)
+                      dtype=args.dtype, backend=args.backend, channels_last=args.channels_last, compile=args.compile,
+                      fuse=args.fuse, deploy=args.deploy, freeze=not args.no_freeze, threads=args.threads,
+                      device=args.device, mode=args.mode, repeats=args.repeats, budget=args.budget,
+                      subprocess=not args.in_process, omp_wait_policy=args.omp_wait_policy, malloc_policy=args.malloc,
+                      compare_timm=args.compare_timm, roofline=args.roofline, timeout=args.timeout,
+                      candidates=args.candidates and tuple(args.candidates))
     names, _ = resolve_models(args.pattern)
     con = _console()
+    backend = copy.deepcopy(cfg).resolved().backend
+    on = (f"on backend {backend}: {BACKEND_NOTES[backend]}" if backend in BACKEND_NOTES else
+          "on backend auto: visionzoo.deploy's fastest per model (rows then compare deployments, not architectures)")
     if not args.pattern:
-        con.print(f"default line-up ({len(names)} models of about 4-5 GMACs): {', '.join(names)}")
+        con.print(f"default line-up ({len(names)} models of about 4-5 GMACs) {on}: {', '.join(names)}")
+    else:
+        con.print(f"{len(names)} model(s) {on}")
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=con, transient=True) as bar:
         task = bar.add_task(f"measuring {names[0] if names else ''}", total=len(names))
@@ -741,12 +748,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", "-b", type=int, nargs="+", default=None,
                    help="batch sizes (default 1 32; 1 16 for the default line-up)")
     s.add_argument("--img-size", type=int, default=None, help="input side (default: each model's own)")
-    s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    s.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "int8"), default="fp32",
+                   help="fp32; bf16 (refused where it measures slower than fp32, except on --backend eager, which "
+                        "autocasts); fp16 (--backend eager); int8 (dynamic quantization: eager or onnxruntime)")
+    s.add_argument("--backend", choices=("eager", "eager_tuned", "inductor", "onnxruntime", "openvino", "auto"),
+                   default="eager_tuned",
+                   help="what runs inference (default eager_tuned: torch eager after fuse(), each Linear on the "
+                        "kernel measured fastest on this CPU, the same for every architecture; eager: the model as "
+                        "given; auto: visionzoo.deploy's fastest backend per model)")
     s.add_argument("--channels-last", action="store_true", help="NHWC weights and input")
     s.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="torch.compile (optionally a mode, e.g. max-autotune); compile time reported apart")
     s.add_argument("--fuse", action="store_true", help="model.fuse(): deploy re-parameterisation")
-    s.add_argument("--deploy", action="store_true", help="the deploy path: --fuse --channels-last --compile")
+    s.add_argument("--candidates", nargs="+", default=None, metavar="BACKEND",
+                   choices=("eager", "eager_tuned", "inductor", "onnxruntime", "openvino"),
+                   help="the backends --backend auto tries (default: all; inductor compiles for minutes per model)")
+    s.add_argument("--deploy", action="store_true",
+                   help="--backend auto: each model on visionzoo.deploy's fastest backend for this CPU (cached)")
     s.add_argument("--no-freeze", action="store_true",
                    help="compiled inference without inductor freezing (default: frozen weights, prepacked)")
     s.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")

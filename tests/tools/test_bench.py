@@ -141,3 +141,81 @@ def test_deploy_path_compiles_frozen_and_matches_eager():
     (r,) = rows
     assert r.status != "error", r.error
     assert r.compile == "default" and r.infer_compile_time > 0 and r.infer_samples_per_sec > 0
+
+
+# --- backends (issue 11) -------------------------------------------------------------------------------------
+ONE = dict(subprocess=False, **{**TINY, "batch_sizes": (2,)})
+
+
+def test_rows_record_the_backend_cpu_and_flags():
+    from visionzoo.bench.report import summary_lines
+    from visionzoo.runtime.cpu import cpu_info
+
+    res = run(["convnext_test"], BenchConfig(**ONE))  # the default backend: eager_tuned
+    (r,) = res
+    assert r.status != "error", r.error
+    assert r.backend == "eager_tuned" and "Linear on" in r.backend_detail and r.fused
+    assert r.backend_rel_diff <= 1e-4 and r.backend_build_s is not None
+    assert r.cpu == cpu_info()[0] and r.cpu_flags.split() == cpu_info()[1] and r.dtype == "fp32"
+    assert any("every architecture on one backend: eager_tuned" in line for line in summary_lines(res))
+
+
+def test_eager_backend_is_the_model_as_given():
+    (r,) = run(["convnext_test"], BenchConfig(backend="eager", **ONE))
+    assert r.status != "error", r.error
+    assert r.backend == "eager" and not r.fused and r.backend_detail == ""
+
+
+def test_backend_auto_records_the_choice_per_row():
+    (r,) = run(["convnext_test"], BenchConfig(backend="auto", candidates=("eager", "eager_tuned"), **ONE))
+    assert r.status != "error", r.error
+    assert r.backend in ("eager", "eager_tuned") and r.infer_samples_per_sec > 0
+
+
+def test_cli_bench_names_the_backend(tmp_path, capsys):
+    rc = main(["bench", "convnext_test", "--backend", "eager", "--batch-size", "1", "--img-size", "64", "--budget",
+               "0.03", "--repeats", "1", "--threads", "1", "--in-process", "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "on backend eager: torch eager, the model as given" in out
+    assert "every architecture on one backend: eager" in out
+
+
+def test_int8_rows_run_through_deploy():
+    (r,) = run(["convnext_test"], BenchConfig(dtype="int8", **ONE))
+    assert r.status != "error", r.error
+    assert r.backend == "eager" and r.dtype == "int8" and "int8" in r.backend_detail and r.infer_mfu is None
+
+
+def test_backend_options_are_checked():
+    assert BenchConfig(deploy=True).resolved().backend == "auto"
+    assert BenchConfig(compile="default").resolved().backend == "eager"  # --compile measures the model as given
+    with pytest.raises(ValueError, match="backend must be one of"):
+        BenchConfig(backend="tensorrt").validate()
+    with pytest.raises(ValueError, match="compile applies to backend 'eager'"):
+        BenchConfig(backend="onnxruntime", compile="default").validate()
+    with pytest.raises(ValueError, match="fp16"):
+        BenchConfig(backend="inductor", dtype="fp16").validate()
+    with pytest.raises(ValueError, match="candidates"):
+        BenchConfig(backend="auto", candidates=("tvm",)).validate()
+
+
+def test_mfu_is_against_the_best_kernel_of_the_dtype():
+    from visionzoo.bench.roofline import best_peak
+    from visionzoo.bench.runner import _add_mfu
+    from visionzoo.bench.schema import BenchResults
+
+    roof = dict(fp32_gflops=100.0, kernels=dict(aten_fp32=100.0, onednn_fp32=200.0, mlas_fp32=150.0,
+                                                onednn_bf16=400.0))
+    assert best_peak(roof, "fp32") == ("onednn_fp32", 200.0) and best_peak(roof, "bf16") == ("onednn_bf16", 400.0)
+    rows = BenchResults([BenchResult("a", dtype="fp32", infer_gflop_per_sec=50.0),
+                         BenchResult("b", dtype="bf16", infer_gflop_per_sec=100.0)], roofline=roof)
+    _add_mfu(rows)
+    assert [r.infer_mfu for r in rows] == [0.25, 0.25]
+
+
+def test_kernel_peaks_measure_each_installed_kernel():
+    from visionzoo.bench.roofline import kernel_peaks
+
+    peaks = kernel_peaks(n=64, seconds=0.01)
+    assert peaks["aten_fp32"] > 0 and all(v > 0 for v in peaks.values())

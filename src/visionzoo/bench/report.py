@@ -129,7 +129,9 @@ def _cells(r: BenchResult, cols: list[str], contended_rows: bool) -> list[str]:
            "p50/p90/p99 ms": lat, "peak MB": _fmt(r.infer_peak_mem_mb, 0), "MFU": _fmt(r.infer_mfu, 2),
            "compile s": _fmt(r.infer_compile_time, 1), "train img/s": _fmt(r.train_samples_per_sec),
            "train MB": _fmt(r.train_peak_mem_mb, 0), "timm img/s": timm, "ours/timm": _fmt(r.ratio_vs_timm, 2),
-           "CPU": _fmt(r.infer_cpu_util if r.infer_cpu_util is not None else r.train_cpu_util, 2)}
+           "CPU": _fmt(r.infer_cpu_util if r.infer_cpu_util is not None else r.train_cpu_util, 2),
+           "backend": (r.backend or "-") + (
+               f" (timm {r.timm_backend})" if r.timm_backend and r.timm_backend != r.backend else "")}
     return [out[c] for c in cols]
 
 
@@ -154,7 +156,9 @@ def table(results: list[BenchResult], title: str = "visionzoo bench", max_width:
     rows = list(results)
     ok = [r for r in rows if r.status != "error"]
     sizes = {r.infer_img_size for r in ok}
-    cols = ["model", "kind", "params M", "GMACs"] + ["img"] * (len(sizes) > 1) + ["batch", "img/s", "min-max",
+    has_backend = len({r.backend for r in ok}) > 1 or any(r.backend == "auto" or r.timm_backend for r in rows)
+    cols = ["model", "kind"] + ["backend"] * has_backend  # one backend for all rows: the summary line says which
+    cols += ["params M", "GMACs"] + ["img"] * (len(sizes) > 1) + ["batch", "img/s", "min-max",
                                                                                      "ms/step", "p50/p90/p99 ms"]
     cols += ["peak MB"] * any(r.infer_peak_mem_mb is not None for r in rows)
     cols += ["MFU"] * any(r.infer_mfu is not None for r in rows)
@@ -192,6 +196,36 @@ def table(results: list[BenchResult], title: str = "visionzoo bench", max_width:
     return t
 
 
+BACKEND_NOTES = {
+    "eager": "torch eager, the model as given",
+    "eager_tuned": "torch eager after fuse(), every Linear on the kernel measured fastest on this CPU",
+    "inductor": "torch.compile with freezing",
+    "onnxruntime": "onnxruntime CPU on the exported ONNX",
+    "openvino": "OpenVINO CPU on the exported ONNX",
+}
+
+
+def backend_lines(results: list[BenchResult]) -> list[str]:
+    """Which backend ran the inference rows: one for all (the fair comparison) or, with auto, one per row."""
+    cfg = getattr(results, "config", {}) or {}
+    rows = [r for r in results if r.status != "error" and r.infer_samples_per_sec is not None]
+    used = sorted({r.backend for r in rows if r.backend})
+    asked = cfg.get("backend")
+    if not used:
+        return []
+    dtype = ", ".join(sorted({r.dtype for r in rows})) or "fp32"
+    if asked == "auto":
+        return [f"backend auto (visionzoo.deploy's measured choice per model and batch size; {dtype}): "
+                + ", ".join(f"{b} x{sum(r.backend == b for r in rows)}" for b in used)
+                + ". Rows on different backends compare deployments, not architectures"]
+    if len(used) == 1:
+        b = used[0]
+        detail = next((r.backend_detail for r in rows if r.backend_detail), "")
+        kernel = f" ({detail.split('; ', 1)[-1]})" if b == "eager_tuned" and detail else ""
+        return [f"every architecture on one backend: {b}, {dtype} ({BACKEND_NOTES.get(b, b)}){kernel}"]
+    return [f"backends: {', '.join(used)}"]
+
+
 def summary_lines(results: BenchResults) -> list[str]:
     """Error lines, the environment stamp and the roofline, for the terminal."""
     env = results.environment
@@ -200,13 +234,20 @@ def summary_lines(results: BenchResults) -> list[str]:
            f"{env.get('threads')} thread(s) of {env.get('cpus_usable')} usable CPUs, "
            f"OMP_WAIT_POLICY={env.get('omp_wait_policy')}, malloc {env.get('malloc_policy')}, "
            f"flags {' '.join(env.get('cpu_flags') or []) or '-'}"]
+    out += backend_lines(results)
     roof = results.roofline
     if roof:
         if "error" in roof:
             out.append(f"roofline: {roof['error']}")
         else:
+            kernels = roof.get("kernels") or {}
+            per_kernel = ", ".join(f"{k} {v:.0f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]))
+            best = "; MFU against the best kernel of each dtype" + (
+                f" (fp32: {roof['fp32_best_kernel']})" if roof.get("fp32_best_kernel") else "")
             out.append(f"roofline: matmul peak fp32 {_fmt(roof.get('fp32_gflops'))} GFLOP/s, bf16 "
-                       f"{_fmt(roof.get('bf16_gflops'))} GFLOP/s; memory {_fmt(roof.get('mem_gbs'))} GB/s"
+                       f"{_fmt(roof.get('bf16_gflops'))} GFLOP/s (torch's default kernel)"
+                       + (f"; per kernel GFLOP/s: {per_kernel}{best}" if kernels else "")
+                       + f"; memory {_fmt(roof.get('mem_gbs'))} GB/s"
                        + (f" (CONTENDED: other processes used {roof['other_cores']:.2f} cores meanwhile, so the "
                           "peak is low and MFU high)" if (roof.get("other_cores") or 0) > 0.25 else ""))
     n_err = sum(r.status == "error" for r in results)

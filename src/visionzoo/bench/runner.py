@@ -213,9 +213,14 @@ def run(patterns: list[str] | tuple[str, ...] | str | None = None, config: Bench
 
 
 def _add_mfu(results: BenchResults) -> None:
+    """MFU of each row against the fastest kernel of its dtype on this machine (int8 rows: none)."""
+    from visionzoo.bench.roofline import best_peak
+
     roof = results.roofline or {}
     for r in results:
-        peak = roof.get(f"{r.dtype}_gflops") or roof.get("fp32_gflops")
+        if r.dtype == "int8":
+            continue
+        _, peak = best_peak(roof, r.dtype if r.dtype in ("fp32", "bf16") else "fp32")
         if peak and r.infer_gflop_per_sec is not None:
             r.infer_mfu = round(r.infer_gflop_per_sec / peak, 4)
 
@@ -223,7 +228,8 @@ def _add_mfu(results: BenchResults) -> None:
 def _child_main(job_path: str, out_path: str) -> int:
     with open(job_path) as f:
         job = json.load(f)
-    cfg = BenchConfig(**{**job["config"], "batch_sizes": tuple(job["config"]["batch_sizes"])})
+    cfg = BenchConfig(**{**job["config"], "batch_sizes": tuple(job["config"]["batch_sizes"]),
+                         "candidates": job["config"].get("candidates") and tuple(job["config"]["candidates"])})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = open(out_path, "a", buffering=1)

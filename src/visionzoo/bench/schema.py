@@ -9,6 +9,11 @@ import torch
 from visionzoo.errors import ArgumentError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BENCH_DTYPES = (*DTYPES, "int8")  # int8: through visionzoo.deploy's backends (dynamic quantization)
+# eager: the model as given (--fuse, --channels-last, --compile apply); every other one is visionzoo.deploy's
+# backend of that name (auto: deploy's measured choice per model and batch size)
+BACKENDS = ("eager", "eager_tuned", "inductor", "onnxruntime", "openvino", "auto")
+DEFAULT_BACKEND = "eager_tuned"  # one backend for every architecture, each Linear on the kernel fastest here
 MODES = ("infer", "train", "both")
 OMP_POLICIES = ("passive", "active", "inherit")
 MALLOC_POLICIES = ("keep", "inherit")
@@ -20,12 +25,17 @@ class BenchConfig:
 
     ``batch_sizes``, ``repeats`` and ``budget`` left as ``None`` take the defaults of ``resolved``: the default
     line-up is measured quicker (batch 1 and 16, 2 repeats, 1 s) so that ~16 models fit in about 2 minutes.
-    ``deploy`` is the deploy path: ``fuse``, ``channels_last`` and ``compile`` (mode "default" unless given).
+    ``backend``: how each model runs (``BACKENDS``). The default, ``eager_tuned``, is torch eager after
+    ``fuse()`` with every Linear on the kernel measured fastest on this CPU, so that no architecture is ranked by
+    which BLAS its layers happen to call; ``eager`` is the model exactly as given. ``deploy`` means
+    ``backend="auto"`` (``visionzoo.deploy``'s choice, which may differ per model).
     """
 
     batch_sizes: tuple[int, ...] | None = None
     img_size: int | None = None
     dtype: str = "fp32"
+    backend: str = DEFAULT_BACKEND
+    candidates: tuple[str, ...] | None = None  # the backends auto tries (None: all)
     channels_last: bool = False
     compile: str | None = None  # None = eager; otherwise a torch.compile mode ("default", "max-autotune", ...)
     fuse: bool = False
@@ -51,7 +61,11 @@ class BenchConfig:
             if getattr(self, key) is None:
                 setattr(self, key, quick if lineup else full)
         if self.deploy:
-            self.fuse, self.channels_last, self.compile = True, True, self.compile or "default"
+            self.backend = "auto"
+        elif self.backend == DEFAULT_BACKEND and (self.compile or self.dtype in ("fp16", "int8")
+                                                   or self.device != "cpu"):
+            # compile, fp16 autocast and GPUs measure the model as given; int8 is torch's dynamic quantization
+            self.backend = "eager"
         return self
 
     def validate(self) -> BenchConfig:
@@ -60,8 +74,26 @@ class BenchConfig:
         self.batch_sizes = tuple(int(b) for b in self.batch_sizes)
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ArgumentError(f"bench: batch_sizes must be positive integers, got {self.batch_sizes}")
-        if self.dtype not in DTYPES:
-            raise ArgumentError(f"bench: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in BENCH_DTYPES:
+            raise ArgumentError(f"bench: dtype must be one of {BENCH_DTYPES}, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ArgumentError(f"bench: backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend != "eager" and torch.device(self.device).type != "cpu":
+            raise ArgumentError(f"bench: backend {self.backend!r} chooses among CPU backends; on {self.device} use "
+                             f"backend 'eager' (with --compile, --channels-last, --dtype)")
+        bad = [c for c in self.candidates or () if c not in BACKENDS[:-1]]
+        if bad:
+            raise ArgumentError(f"bench: candidates must be among {BACKENDS[:-1]}, got {bad}")
+        if self.compile and self.backend != "eager":
+            raise ArgumentError(f"bench: compile applies to backend 'eager' only, got backend {self.backend!r}; "
+                             f"backend 'inductor' is the compiled one (with freezing)")
+        if self.dtype == "fp16" and self.backend != "eager":
+            raise ArgumentError(f"bench: dtype 'fp16' runs on backend 'eager' only (autocast), got {self.backend!r}")
+        if self.mode != "infer" and self.backend not in ("eager", DEFAULT_BACKEND):
+            raise ArgumentError(f"bench: mode {self.mode!r} trains, and training runs the model in eager; backend "
+                             f"{self.backend!r} is for inference (use mode 'infer')")
+        if self.dtype == "int8" and self.mode != "infer":
+            raise ArgumentError("bench: dtype 'int8' is for inference (mode 'infer')")
         if self.mode not in MODES:
             raise ArgumentError(f"bench: mode must be one of {MODES}, got {self.mode!r}")
         if self.malloc_policy not in MALLOC_POLICIES:
@@ -136,6 +168,13 @@ class BenchResult:
     channels_last: bool = False
     fused: bool = False
     compile: str = ""
+    backend: str = ""  # what ran the inference rows (eager, eager_tuned, inductor, onnxruntime, openvino)
+    backend_detail: str = ""  # e.g. "fused; 37 Linear on onednn (1.28x aten on the calibration shapes)"
+    backend_rel_diff: float | None = None  # max |out - eager fp32| / max |eager fp32| on the timed input
+    backend_build_s: float | None = None  # export/compile/pack time of the backend, apart from the timing
+    timm_backend: str = ""
+    cpu: str = ""
+    cpu_flags: str = ""  # space-separated, as /proc/cpuinfo
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BenchResult:

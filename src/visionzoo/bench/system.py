@@ -1,10 +1,8 @@
 """Probes of the machine a benchmark runs on: CPU model and flags, usable cores, contention, peak memory."""
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
-import re
 import sys
 import time
 from typing import Any
@@ -12,31 +10,16 @@ from typing import Any
 import torch
 
 from visionzoo.bench.schema import BenchConfig
+from visionzoo.runtime.cpu import CPU_FLAGS, cpu_info  # noqa: F401  (re-exported: bench reads them here)
 
 # glibc returns freed blocks above the mmap threshold (max 32 MB by default) to the OS, so every large activation
 # of an eager forward is page-faulted in anew; "keep" makes the measuring process reuse freed memory instead
 # (DeepMAD-29M batch 16 on 2 cores: 5.0 -> 10.4 img/s, MaxViT-T 7.8 -> 11.2; ConvNeXt-T unchanged). The same
 # effect as running under jemalloc/tcmalloc, as deployments usually do.
 MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
-CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-             "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
 
 
 # --- environment ----------------------------------------------------------------------------------------
-def cpu_info() -> tuple[str, list[str]]:
-    """The CPU model name and the SIMD/matrix flags that matter for these kernels."""
-    name, flags = platform.processor() or platform.machine(), []
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        name = m.group(1).strip() if m else name
-        m = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
-        have = set(m.group(1).split()) if m else set()
-        flags = [f for f in CPU_FLAGS if f in have]
-    return name, flags
-
-
 def omp_policy_label(policy: str | None = None) -> str:
     """What OMP_WAIT_POLICY a process gets: the configured one, or this process's environment."""
     if policy in ("passive", "active"):

@@ -3,6 +3,7 @@ set-up; the optional same-process timm comparison."""
 from __future__ import annotations
 
 import copy
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from visionzoo.bench.schema import DTYPES, BenchConfig, BenchResult
 from visionzoo.bench.system import (
     PeakMemory,
+    cpu_info,
     malloc_label,
     omp_policy_label,
     own_cpu,
@@ -208,6 +210,44 @@ def _timm_model(name: str, cfg: BenchConfig) -> tuple[Any, str]:
     return m.eval(), f"timm {timm.__version__}"
 
 
+class _Backends:
+    """Ours (and timm's, with --compare-timm) through ``visionzoo.deploy`` on ``cfg.backend``: built once for
+    a named backend (each runs any batch size), chosen per batch size for ``auto`` (the choice depends on it)."""
+
+    def __init__(self, model: torch.nn.Module, ref: torch.nn.Module | None, cfg: BenchConfig) -> None:
+        self.model, self.ref, self.cfg = model, ref, cfg
+        self.ours = self.theirs = None
+
+    def _deploy(self, model: torch.nn.Module, x: torch.Tensor):  # noqa: ANN202
+        from visionzoo.deploy import deploy
+
+        auto = self.cfg.backend == "auto"
+        # a named backend is only checked against eager here (the bench times it); auto times its candidates
+        return deploy(model, x.contiguous(), backend=self.cfg.backend, dtype=self.cfg.dtype,
+                      budget=max(0.5, 0.5 * self.cfg.budget) if auto else 0.0,
+                      candidates=tuple(self.cfg.candidates) if auto and self.cfg.candidates else None)
+
+    def steps(self, x: torch.Tensor) -> list[Callable]:
+        if self.ours is None or self.cfg.backend == "auto":
+            self.ours = self._deploy(self.model, x)
+        fns = [lambda: self.ours(x)]
+        if self.ref is not None:
+            if self.theirs is None or self.cfg.backend == "auto":
+                self.theirs = self._deploy(self.ref, x)
+            fns.append(lambda: self.theirs(x))
+        return fns
+
+    def fill(self, r: BenchResult) -> None:
+        rec = self.ours.record
+        chosen = next((c for c in rec.candidates if c.backend == rec.backend and c.dtype == rec.dtype), None)
+        r.backend, r.backend_rel_diff = rec.backend, rec.rel_diff
+        r.backend_detail = chosen.detail if chosen else ""
+        r.backend_build_s = chosen.build_s if chosen else None
+        r.fused = r.fused or bool(re.search(r"(^|; )fused\b", r.backend_detail))
+        if self.theirs is not None:
+            r.timm_backend = self.theirs.record.backend
+
+
 def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | None = None,
                   baseline_mb: float | None = None) -> list[BenchResult]:
     """Measure one registered model at every batch size (and mode); errors become rows, never exceptions."""
@@ -221,11 +261,14 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
         emit(dict(row=asdict(r)))
 
     device = torch.device(cfg.device)
+    cpu_name, cpu_flags = cpu_info()
     common = dict(model=name, repeats=cfg.repeats, device=str(device), dtype=cfg.dtype,
                   threads=torch.get_num_threads() if device.type == "cpu" else None,
                   omp_wait_policy=omp_policy_label(cfg.omp_wait_policy if cfg.subprocess else "inherit"),
                   malloc_policy=malloc_label(),  # read from this (measuring) process's environment
-                  channels_last=cfg.channels_last, fused=cfg.fuse, compile=cfg.compile or "")
+                  channels_last=cfg.channels_last, fused=cfg.fuse, compile=cfg.compile or "",
+                  backend=cfg.backend if cfg.mode != "train" else "eager", cpu=cpu_name,
+                  cpu_flags=" ".join(cpu_flags))
     try:
         v = get_variant(name)
     except ValueError as e:
@@ -256,11 +299,13 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
     modes = ("infer", "train") if cfg.mode == "both" else (cfg.mode,)
     by_bs: dict[int, BenchResult] = {}
     for mode in modes:
+        via_deploy = mode == "infer" and (cfg.backend != "eager" or cfg.dtype == "int8")
         if cfg.compile:
             _set_freezing(cfg.freeze and mode == "infer")
         try:
             if mode == "infer":
-                model = _prepare(copy.deepcopy(base) if "train" in modes else base, cfg, device, cfg.fuse)
+                model = _prepare(copy.deepcopy(base) if "train" in modes else base, cfg, device,
+                                 cfg.fuse and not via_deploy)
                 ref = None if timm_model is None else _prepare(timm_model, cfg, device, fuse=False)
             else:
                 model = _prepare(base.train(), cfg, device, fuse=False)  # fuse is a deploy transform
@@ -269,6 +314,7 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
             what = "fuse" if cfg.fuse and mode == "infer" else "prepare"
             add(BenchResult(status="error", error=f"{mode}: {what} failed: {one_line(e)}", **common))
             continue
+        backends = _Backends(model, ref, cfg) if via_deploy else None
         for bs in sorted(cfg.batch_sizes):
             emit(dict(progress=dict(mode=mode, batch_size=bs)))
             r = by_bs.get(bs)
@@ -276,12 +322,16 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
                 x = torch.randn(bs, 3 if not hasattr(base, "in_chans") else base.in_chans, img, img, device=device)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                make = _infer_step if mode == "infer" else _train_step
-                fns = [make(model, x, cfg, device)] + ([make(ref, x, cfg, device)] if ref is not None else [])
+                if backends is not None:
+                    fns = backends.steps(x)
+                else:
+                    make = _infer_step if mode == "infer" else _train_step
+                    fns = [make(model, x, cfg, device)] + ([make(ref, x, cfg, device)] if ref is not None else [])
                 t = time_interleaved(fns, bs, cfg, device, baseline_mb)
             except Exception as e:  # noqa: BLE001  (OOM, a compile failure, a size the model rejects)
                 kind = ("out of memory" if _is_oom(e) else
-                        f"failed (torch.compile mode {cfg.compile})" if cfg.compile else "failed")
+                        f"failed (torch.compile mode {cfg.compile})" if cfg.compile else
+                        f"failed (backend {cfg.backend})" if backends is not None else "failed")
                 add(BenchResult(status="error", error=f"{mode} at batch {bs} {kind}: {one_line(e)}",
                                 infer_batch_size=bs, **common))
                 if _is_oom(e):
@@ -291,6 +341,8 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
                 r = BenchResult(**common)
                 by_bs[bs] = r
             _fill(r, mode, bs, t[0], cfg)
+            if backends is not None:
+                backends.fill(r)
             if len(t) > 1:
                 r.timm_infer_samples_per_sec = round(t[1].samples_per_sec, 3)
                 r.timm_infer_samples_per_sec_min = round(t[1].samples_per_sec_min, 3)

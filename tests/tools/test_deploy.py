@@ -1,0 +1,353 @@
+"""visionzoo.deploy on tiny *_test variants: parity of every backend, auto's choice and record, the cache,
+unavailable backends, bf16 refusal, and the per-CPU Linear kernel (fast_linear)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import sys
+
+import pytest
+import torch
+
+import visionzoo
+from conftest import make_input
+from visionzoo.deploy import Deployed, DeployRecord, deploy, time_interleaved
+from visionzoo.errors import BackendUnavailable
+from visionzoo.runtime import backends as B
+from visionzoo.runtime import kernels as L
+from visionzoo.runtime.cpu import cpu_info, has_bf16
+
+D = importlib.import_module("visionzoo.deploy")  # the module (visionzoo.deploy, the attribute, is the function)
+MODEL = "convnext_test"
+FP32_TOL = 1e-4  # issue 11: fp32 backends agree with eager within 1e-4, relative
+
+
+@pytest.fixture(autouse=True)
+def tiny_setup(monkeypatch, tmp_path):
+    """A private cache per test; kernels pinned to oneDNN (conftest) except where a test measures them, then on
+    small shapes and short samples (the real calibration takes seconds)."""
+    monkeypatch.setenv("VISIONZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(L, "CALIBRATION_ROUNDS", 2)
+    monkeypatch.setattr(L, "CALIBRATION_SAMPLE_S", 0.0)
+    monkeypatch.setitem(L.CALIBRATION, "linear", ((64, (32, 48, 32)), (16, (64, 32))))
+    conv_cases = ((1, 16, ((8, 8, 3, 1, 1), (8, 8, 3, 1, 8))), (2, 8, ((8, 4, 1, 1, 1),)))
+    monkeypatch.setitem(L.CALIBRATION, "conv2d", conv_cases)
+
+
+@pytest.fixture
+def model_x(tiny_model):
+    model = tiny_model(MODEL)
+    return model, make_input(model)
+
+
+def _skip_unless(backend, dtype="fp32"):
+    why = B.unavailable(backend, dtype)
+    if why:
+        pytest.skip(why)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+# --- fp32 parity of each backend ------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["eager", "eager_tuned"])
+def test_torch_backend_parity_fp32(backend, model_x):
+    model, x = model_x
+    with torch.no_grad():
+        ref = model(x)
+    fast = deploy(model, x, backend=backend, budget=0)
+    assert isinstance(fast, Deployed) and fast.record.backend == backend and fast.record.dtype == "fp32"
+    assert _rel(fast(x), ref) <= FP32_TOL
+    x3 = make_input(model, batch=3, seed=1)  # another batch size than the example
+    with torch.no_grad():
+        assert _rel(fast(x3), model(x3)) <= FP32_TOL
+    assert fast.record.rel_diff <= FP32_TOL and fast.record.cpu == cpu_info()[0]
+
+
+@pytest.fixture
+def linear_onnx(monkeypatch, tmp_path):
+    """``Linear(16, 8) + ReLU`` and the same graph written by hand as ONNX with a dynamic batch: the exported
+    backends' wiring without the exporter, which takes 5-10 s even for a tiny model (the export round-trip on
+    a *_test model is the slow test below)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU()).eval()
+    w, b = model[0].weight.detach(), model[0].bias.detach()
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "wt"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y0"]),
+         helper.make_node("Relu", ["y0"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [numpy_helper.from_array(w.t().contiguous().numpy(), "wt"), numpy_helper.from_array(b.numpy(), "b")])
+    path = tmp_path / "linear.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    monkeypatch.setattr(B.Shared, "onnx_path", lambda self: str(path))
+    return model, torch.randn(4, 16)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_backend_runs_the_onnx_file(backend, linear_onnx):
+    _skip_unless(backend)
+    model, x = linear_onnx
+    fast = deploy(model, x, backend=backend, budget=0)
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) <= FP32_TOL
+        assert _rel(fast(x[:3]), model(x[:3])) <= FP32_TOL  # another batch size
+    assert fast.record.backend == backend and fast.module is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_backend_parity_fp32(backend, model_x):
+    _skip_unless(backend)
+    model, x = model_x
+    fast = deploy(model, x, backend=backend, budget=0)
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) <= FP32_TOL
+
+
+@pytest.mark.slow
+def test_inductor_parity_fp32(model_x):
+    _skip_unless("inductor")
+    model, x = model_x
+    fast = deploy(model, x, backend="inductor", budget=0)
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) <= FP32_TOL
+
+
+@pytest.mark.slow
+def test_inductor_falls_back_to_static_shapes_where_the_batch_cannot_be_symbolic(monkeypatch):
+    _skip_unless("inductor")
+
+    def refuse(x, dim):
+        raise RuntimeError("GuardOnDataDependentSymNode: the model branches on the batch size")
+    monkeypatch.setattr(torch._dynamo.decorators, "mark_unbacked", refuse)
+    model, x = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval(), torch.randn(2, 8)
+    fast = deploy(model, x, backend="inductor", budget=0)  # conftest pins oneDNN: the symbolic batch is tried
+    chosen = [c for c in fast.record.candidates if c.status == "chosen"][0]
+    assert "symbolic batch failed (RuntimeError), static shapes" in chosen.detail
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) <= FP32_TOL
+
+
+def test_deploy_leaves_the_model_alone(model_x):
+    model, x = model_x
+    before = copy.deepcopy(model.state_dict())
+    deploy(model, x, backend="eager_tuned", budget=0)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(isinstance(m, (L.OneDNNLinear, L.OneDNNConv2d)) for m in model.modules())
+
+
+# --- auto ------------------------------------------------------------------------------------------------------
+def test_auto_chooses_a_valid_backend_and_records_why(model_x):
+    model, x = model_x
+    fast = deploy(model, x, candidates=("eager", "eager_tuned"), budget=0.05)
+    rec = fast.record
+    assert rec.backend in ("eager", "eager_tuned") and not rec.cached
+    assert {c.backend for c in rec.candidates} == {"eager", "eager_tuned"}
+    chosen = [c for c in rec.candidates if c.status == "chosen"]
+    assert len(chosen) == 1 and chosen[0].backend == rec.backend
+    assert all(c.ms > 0 and c.img_s > 0 and c.rel_diff <= FP32_TOL for c in rec.candidates)
+    assert chosen[0].ms == min(c.ms for c in rec.candidates)
+    assert rec.why and rec.speedup_vs_eager > 0 and rec.tolerance == FP32_TOL
+    assert rec.cpu and rec.torch == torch.__version__ and rec.threads == torch.get_num_threads()
+    assert {k["kernel"] for k in rec.kernels.values()} <= set(L.KERNELS) and set(rec.kernels) == set(L.OPS)
+    assert all(k["source"] == "VISIONZOO_KERNEL" for k in rec.kernels.values())  # pinned by conftest
+    assert rec.backend in rec.summary() and rec.cpu in rec.summary()
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) <= FP32_TOL
+
+
+def test_auto_choice_is_cached_per_model_shape_and_dtype(model_x, tmp_path):
+    model, x = model_x
+    first = deploy(model, x, candidates=("eager", "eager_tuned"), budget=0.05)
+    again = deploy(model, x, candidates=("eager", "eager_tuned"), budget=0.05)
+    assert again.record.cached and again.record.backend == first.record.backend
+    assert (tmp_path / "cache" / "deploy.json").exists()
+    other_shape = deploy(model, make_input(model, batch=1), candidates=("eager", "eager_tuned"), budget=0.05)
+    assert not other_shape.record.cached
+    fresh = deploy(model, x, candidates=("eager", "eager_tuned"), budget=0.05, cache=False)
+    assert not fresh.record.cached
+    back = DeployRecord.from_dict(dataclasses.asdict(first.record))
+    assert back.candidates == first.record.candidates
+
+
+def test_eager_tuned_measures_its_kernels_once_per_cpu(model_x, monkeypatch):
+    monkeypatch.delenv("VISIONZOO_KERNEL", raising=False)
+    model, x = model_x
+    rec = deploy(model, x, backend="eager_tuned", budget=0).record
+    assert all(k["source"] == "measured" for k in rec.kernels.values())
+    again = deploy(model, x, backend="eager_tuned", budget=0).record
+    assert all(k["source"] == "cache" for k in again.kernels.values())
+
+
+def test_auto_picks_the_fastest_by_measurement(model_x, monkeypatch):
+    model, x = model_x
+    def fake(fns, budget, **kw):  # eager_tuned made to measure 3x faster than eager
+        return {k: (0.01 if k[0] == "eager_tuned" else 0.03) for k in fns}
+    monkeypatch.setattr(D, "time_interleaved", fake)
+    rec = deploy(model, x, candidates=("eager", "eager_tuned"), cache=False).record
+    assert rec.backend == "eager_tuned" and rec.speedup_vs_eager == pytest.approx(3.0)
+
+
+def test_time_interleaved_gives_a_median_per_function():
+    calls = []
+    out = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, budget=0.0)
+    assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+    assert calls[:2] == ["a", "b"] and calls[2:6] == ["a", "b", "a", "b"]  # warm-up, then interleaved
+
+
+# --- unavailable backends ------------------------------------------------------------------------------------
+def test_missing_runtime_is_a_clear_error_and_auto_skips_it(model_x, monkeypatch):
+    model, x = model_x
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(BackendUnavailable, match=r"onnxruntime.*pip install 'visionzoo\[onnx\]'"):
+        deploy(model, x, backend="onnxruntime", budget=0)
+    rec = deploy(model, x, candidates=("eager", "onnxruntime"), budget=0, cache=False).record
+    skipped = {c.backend: c for c in rec.candidates}["onnxruntime"]
+    assert skipped.status == "unavailable" and "pip install" in skipped.reason
+    assert rec.backend == "eager"
+
+
+def test_a_failing_backend_is_skipped_by_auto_with_its_reason(model_x, monkeypatch):
+    model, x = model_x
+
+    def broken(dtype, shared):
+        raise RuntimeError("no kernel for this op")
+    monkeypatch.setitem(B._BUILDERS, "eager_tuned", broken)
+    rec = deploy(model, x, candidates=("eager", "eager_tuned"), budget=0, cache=False).record
+    c = {c.backend: c for c in rec.candidates}["eager_tuned"]
+    assert c.status == "failed" and "no kernel for this op" in c.reason and rec.backend == "eager"
+    with pytest.raises(RuntimeError, match="no kernel"):
+        deploy(model, x, backend="eager_tuned", budget=0)
+
+
+def test_bf16_without_hardware_is_refused(model_x, monkeypatch):
+    model, x = model_x
+    monkeypatch.setattr(B, "has_bf16", lambda: False)
+    for backend in ("auto", "eager"):
+        with pytest.raises(BackendUnavailable, match="bf16 hardware"):
+            deploy(model, x, backend=backend, dtype="bf16", budget=0)
+
+
+def test_bf16_slower_than_fp32_is_refused_with_the_ratio(model_x, monkeypatch):
+    model, x = model_x
+    monkeypatch.setattr(B, "has_bf16", lambda: True)
+    def fake(fns, budget, **kw):  # bf16 measured at half the speed of fp32
+        return {k: (0.02 if k[1] == "bf16" else 0.01) for k in fns}
+    monkeypatch.setattr(D, "time_interleaved", fake)
+    with pytest.raises(BackendUnavailable, match=r"bf16 refused.*0\.50x fp32"):
+        deploy(model, x, backend="eager", dtype="bf16", cache=False)
+    kept = deploy(model, x, backend="eager", dtype="bf16", cache=False, allow_slower=True)
+    assert kept.record.dtype == "bf16"
+
+
+@pytest.mark.skipif(not has_bf16(), reason="this CPU has no bf16 hardware (avx512_bf16, AMX or Arm BF16)")
+@pytest.mark.parametrize("backend", ["eager", "eager_tuned"])
+def test_bf16_reports_agreement_with_fp32(backend, model_x):
+    model, x = model_x
+    rec = deploy(model, x, backend=backend, dtype="bf16", budget=0).record
+    assert rec.dtype == "bf16" and 0 < rec.rel_diff < 0.1 and 0 <= rec.top1_agreement <= 1
+
+
+def test_int8_reports_agreement_with_fp32(model_x):
+    model, x = model_x
+    rec = deploy(model, x, backend="eager", dtype="int8", budget=0).record
+    assert rec.dtype == "int8" and rec.rel_diff is not None and 0 <= rec.top1_agreement <= 1
+
+
+def test_int8_onnxruntime_quantizes_the_onnx_file(linear_onnx):
+    _skip_unless("onnxruntime", "int8")
+    model, x = linear_onnx
+    rec = deploy(model, x, backend="onnxruntime", dtype="int8", budget=0).record
+    assert rec.dtype == "int8" and rec.rel_diff < 0.25
+
+
+def test_arguments_are_checked(model_x):
+    model, x = model_x
+    with pytest.raises(ValueError, match="did you mean 'onnxruntime'"):
+        deploy(model, x, backend="onnxrt")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        deploy(model, x, dtype="fp16")
+    with pytest.raises(TypeError, match="example_input must be a torch.Tensor"):
+        deploy(model, x.numpy())
+    with pytest.raises(ValueError, match="float32"):
+        deploy(model, x.double())
+    with pytest.raises(ValueError, match="one of"):
+        deploy(model, x, candidates=("eager", "tensorrt"))
+
+
+# --- the per-CPU kernels (item 2) -----------------------------------------------------------------------------
+@pytest.mark.skipif(not L.onednn_available(), reason="this torch build has no oneDNN")
+def test_fast_kernels_onednn_match_eager_and_keep_the_state_dict(model_x):
+    model, x = model_x
+    fast = L.fast_kernels(model, kernels="onednn")
+    n = L.count_swapped(fast)
+    assert n["linear"] > 0 and n["conv2d"] > 0 and L.count_swapped(model) == {"linear": 0, "conv2d": 0}
+    with torch.no_grad():
+        ref = model(x)
+        assert (fast(x) - ref).abs().max().item() <= 1e-5
+        assert (fast(x.contiguous(memory_format=torch.channels_last)) - ref).abs().max().item() <= 1e-5
+        assert (copy.deepcopy(fast)(x) - ref).abs().max().item() <= 1e-5  # packed weights are not copied
+        x3 = make_input(model, batch=3, seed=1)  # another shape than the one the convolutions were packed for
+        assert (fast(x3) - model(x3)).abs().max().item() <= 1e-5
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    fast.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})  # repacked on change
+    with torch.no_grad():
+        lin = next(m for m in fast.modules() if isinstance(m, L.OneDNNLinear))
+        assert lin(torch.ones(2, lin.in_features)).abs().max().item() == 0
+
+
+@pytest.mark.skipif(not L.onednn_available(), reason="this torch build has no oneDNN")
+def test_onednn_conv2d_takes_every_zero_padding():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 15, 15)
+    for conv in (torch.nn.Conv2d(8, 4, 3, 2, 1), torch.nn.Conv2d(8, 8, 5, padding="same", groups=8),
+                 torch.nn.Conv2d(8, 4, 3, padding="valid", dilation=2, bias=False)):
+        fast = L.fast_kernels(torch.nn.Sequential(conv), kernels="onednn")
+        assert L.count_swapped(fast)["conv2d"] == 1
+        with torch.no_grad():
+            assert (fast(x) - conv(x)).abs().max().item() <= 1e-5
+    even_same = torch.nn.Sequential(torch.nn.Conv2d(8, 4, 2, padding="same"))  # asymmetric: left to aten
+    assert L.count_swapped(L.fast_kernels(even_same, kernels="onednn"))["conv2d"] == 0
+
+
+def test_kernel_choice_is_measured_once_and_cached(monkeypatch):
+    monkeypatch.delenv("VISIONZOO_KERNEL", raising=False)
+    first = L.kernel_choice("conv2d")
+    assert first.kernel in L.KERNELS and not first.cached and set(first.gflops) >= {"aten"}
+    assert len(first.cases) == len(first.gflops["aten"]) == 2
+    assert first.cpu == cpu_info()[0] and first.threads == torch.get_num_threads()
+    monkeypatch.setattr(L, "measure_kernels", lambda *a, **kw: pytest.fail("measured twice"))
+    again = L.kernel_choice("conv2d")
+    assert again.cached and again.kernel == first.kernel and again.gflops == first.gflops
+    assert "conv2d kernel" in again.summary()
+
+
+def test_kernel_choice_can_be_pinned_by_the_environment(monkeypatch):
+    monkeypatch.setenv("VISIONZOO_KERNEL", "aten")
+    monkeypatch.setattr(L, "measure_kernels", lambda *a, **kw: pytest.fail("measured although pinned"))
+    choice = L.linear_kernel()
+    assert choice.kernel == "aten" and choice.source == "VISIONZOO_KERNEL" and not choice.cached
+    monkeypatch.setenv("VISIONZOO_KERNEL", "blas-9000")
+    with pytest.raises(ValueError, match="VISIONZOO_KERNEL must be one of"):
+        L.linear_kernel()
+
+
+def test_fast_kernels_arguments_are_checked(model_x):
+    model, _ = model_x
+    with pytest.raises(ValueError, match="kernel must be"):
+        L.fast_linear(model, kernel="mkl-turbo")
+    with pytest.raises(ValueError, match="dtype must be"):
+        L.fast_kernels(model, kernels="aten", dtype="fp16")
+    with pytest.raises(ValueError, match="ops must be among"):
+        L.fast_kernels(model, kernels="aten", ops=("attention",))
+
+
+def test_deploy_is_public():
+    assert visionzoo.deploy is deploy and "deploy" in visionzoo.__all__
