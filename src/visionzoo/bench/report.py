@@ -138,7 +138,7 @@ def table(results: list[BenchResult], title: str = "visionzoo bench"):  # noqa: 
         cells += [_fmt(r.train_samples_per_sec), _fmt(r.train_peak_mem_mb, 0)] * has_train
         if has_timm:
             cells += [_fmt(r.timm_infer_samples_per_sec), _fmt(r.ratio_vs_timm, 2)]
-        note = []
+        note = [f"tokens {r.tokens}"] if r.tokens else []
         if r.status == "contended":
             note.append("[yellow]CONTENDED: other processes took the cores; not the model's speed[/yellow]")
         elif r.contended_runs:
