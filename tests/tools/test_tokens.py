@@ -99,6 +99,22 @@ def test_bipartite_matching_merges_the_most_similar_pairs():
     assert G == 3 and group.tolist() == [[1, 1, 0, 2]]  # token 0 joins its twin 1; token 2 stays
 
 
+def test_mctf_applies_the_fused_map_without_building_it():
+    from visionzoo.tokens.core import scatter_groups
+    from visionzoo.tokens.mctf import _fused_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, h, N, P, d, G = 2, 3, 11, 1, 4, 7
+    probs = torch.rand(B, h, N, N, generator=g).softmax(-1)
+    group = torch.tensor([[0, 0, 1, 2, 2, 3, 4, 5, 5, 6], [6, 5, 4, 3, 2, 1, 0, 0, 1, 2]])
+    w, v = torch.rand(B, N - P, generator=g), torch.randn(B, h, P + G, d, generator=g)
+    cols = torch.cat([probs[..., :P], scatter_groups(probs[..., P:], group, G, dim=-1)], dim=-1)  # keys summed
+    rows = scatter_groups(cols[:, :, P:] * w[:, None, :, None], group, G, dim=2)
+    fused = torch.cat([cols[:, :, :P], rows / scatter_groups(w, group, G)[:, None, :, None]], dim=2)
+    torch.testing.assert_close(fused.sum(-1), torch.ones(B, h, P + G))  # still a distribution per query
+    torch.testing.assert_close(_fused_attention(probs, group, G, w, P)(v), fused @ v)
+
+
 # --- ATS: per-image counts in one batch -------------------------------------------------------------------------
 def test_inverse_transform_sampling():
     assert inverse_transform_sample(torch.tensor([[0.0, 0, 0, 1, 0]]), 4).tolist() == [[0, 0, 0, 1, 0]]
@@ -196,8 +212,9 @@ def test_macs_follow_the_analytic_formula(method, params, extra):
 
 def test_mctf_macs_count_queries_and_keys_before_merging():
     model = visionzoo.create_model("vit_test", num_classes=10).eval()
-    D, n, m = 64, 17, 14  # block 1: q, k and their product on 17 tokens; values, output and MLP on 14
-    block1 = 2 * n * D * D + n * n * D + m * D * D + m * m * D + m * D * D + 8 * m * D * D + 8 * 8 * D
+    D, n, m = 64, 17, 14  # block 1: q, k, their product and the map times the values on 17 tokens; values,
+    block1 = 2 * n * D * D + n * n * D + m * D * D + n * n * D + m * D * D + 8 * m * D * D + 8 * 8 * D  # output,
+    # MLP on 14; + the A x B similarities of the tokens
     tokens.apply(model, "mctf", r=3)
     want = 16 * D * 3 * 256 + _block_macs(17, 17, D) + block1 + D * 10
     assert visionzoo.profile(model).macs == want

@@ -8,9 +8,9 @@ ToMe's log token size) all enter the same way: added to the logits. ``qkv_observ
 keys and values of a call (ToMe's matching metric, EViT's class attention) without leaving the fused path.
 
 ``Attention`` is plain multi-head self-attention over tokens on top of it. Besides ``forward`` it can give the
-probabilities alone from queries and keys (``attention_probs``) and apply given probabilities to its values
-(``forward(x, probs=...)``): MCTF's one-step-ahead attention computes the map on the tokens before merging and
-applies the merged map to the merged tokens.
+probabilities alone from queries and keys (``attention_probs``) and let a caller turn its values into the output
+(``forward(x, attend=...)``): MCTF's one-step-ahead attention computes the map on the tokens before merging and
+applies the merged map to the values of the merged tokens.
 """
 from __future__ import annotations
 
@@ -109,8 +109,9 @@ class Attention(nn.Module):
         qk_norm: normalise queries and keys per head before the dot product.
         prefix_tokens: class/distillation tokens ahead of the patch tokens (recorded with attention maps).
         attn_mask: in ``forward``, a float tensor broadcastable to ``(B, heads, N, N)`` added to the logits.
-        probs: in ``forward``, attention probabilities ``(B, heads, N, N)`` to apply to the values of ``x`` instead
-            of computing them (the keys and queries are then not computed).
+        attend: in ``forward``, a function from the values of ``x`` ``(B, heads, N, d)`` to the attention output
+            ``(B, heads, N, d)``, in place of ``softmax(q k^T) v`` (queries and keys are then not computed, and
+            attention dropout is the function's business).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
@@ -146,13 +147,12 @@ class Attention(nn.Module):
         return self.core.probs(self.q_norm(q), self.k_norm(k), attn_mask, scale=self.scale)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, grid: tuple[int, int] | None = None,
-                probs: Tensor | None = None) -> Tensor:
+                attend: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         B, N, _ = x.shape
-        if probs is not None:
+        if attend is not None:
             inner = self.num_heads * self.head_dim
             (v,) = self._heads(x, slice(2 * inner, 3 * inner), 1)
-            x = self.attn_drop(probs) @ v  # (B, h, N, N) @ (B, h, N, d) -> (B, h, N, d)
-            x = x.transpose(1, 2).reshape(B, N, -1)  # (B, h, N, d) -> (B, N, h * d)
+            x = attend(v).transpose(1, 2).reshape(B, N, -1)  # (B, h, N, d) -> (B, N, h * d)
             return self.proj_drop(self.proj(x))
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, 3, h, d) -> 3 x (B, h, N, d)

@@ -15,6 +15,8 @@ reshapes the tokens to a map would break once they are merged): blocks of window
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from .attention import AttentionCore
@@ -45,12 +47,12 @@ class TokenBlock(nn.Module):
     def prefix_tokens(self) -> int:
         return self.attn_core.prefix_tokens
 
-    def attn_branch(self, x: Tensor, probs: Tensor | None = None) -> Tensor:
-        """The attention residual branch of ``x`` ``(B, N, C)``; with ``probs`` ``(B, heads, N, N)`` given, those
-        probabilities are applied to the values of ``x`` instead of being computed."""
-        if probs is None:
+    def attn_branch(self, x: Tensor, attend: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """The attention residual branch of ``x`` ``(B, N, C)``; with ``attend`` given, it maps the values of ``x``
+        ``(B, heads, N, d)`` to the attention output in place of ``softmax(q k^T) v``."""
+        if attend is None:
             return self.drop_path1(self.attn(self.norm1(x)))
-        return self.drop_path1(self.attn(self.norm1(x), probs=probs))
+        return self.drop_path1(self.attn(self.norm1(x), attend=attend))
 
     def attn_probs(self, x: Tensor) -> Tensor:
         """The attention probabilities ``(B, heads, N, N)`` the attention branch of ``x`` would use."""
