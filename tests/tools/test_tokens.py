@@ -55,6 +55,50 @@ def test_hierarchical_and_convnet_families_are_refused(name, why, tiny_model):
     assert tokens.can_apply(tiny_model(name)) is not None and tokens.can_apply(tiny_model("vit_test")) is None
 
 
+# --- the seam itself -------------------------------------------------------------------------------------------
+def test_unused_seam_traces_and_costs_nothing(tiny_model):
+    model = tiny_model("deit_test")
+    x = make_input(model)
+    gm = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(gm(x), _run(model, x), atol=0, rtol=0)
+    assert not any("token_hook" in str(n.target) for n in gm.graph.nodes)
+
+
+def test_qkv_observer_keeps_the_fused_path(tiny_model, monkeypatch):
+    from visionzoo.layers import AttentionCore
+
+    model = tiny_model("vit_test")
+    x = make_input(model)
+    ref = _run(model, x)
+    seen, explicit = [], []
+    monkeypatch.setattr(AttentionCore, "_probs", lambda self, *a: explicit.append(1) or torch.softmax(
+        (a[0] * a[3]) @ a[1].transpose(-2, -1), -1))
+    for b in model.blocks:
+        b.attn.core.qkv_observer = lambda core, q, k, v, bias, scale: seen.append((q.shape, k.shape, v.shape, scale))
+    torch.testing.assert_close(_run(model, x), ref, atol=0, rtol=0)
+    assert len(seen) == 2 and seen[0][1] == (2, 2, 17, 32) and seen[0][3] == 32 ** -0.5 and not explicit
+
+
+def test_extra_bias_combines_with_a_boolean_mask():
+    from visionzoo.layers import AttentionCore
+
+    core = AttentionCore()
+    q = k = v = torch.randn(1, 1, 3, 4)
+    mask = torch.tensor([[True, True, False]])  # (N_q or 1, N_k)
+    core.extra_bias = torch.tensor([[0.0, 1.0, 0.0]])
+    out = core(q, k, v, mask)
+    logits = (q @ k.transpose(-2, -1)) * 0.5 + torch.tensor([0.0, 1.0, float("-inf")])
+    torch.testing.assert_close(out, logits.softmax(-1) @ v)
+
+
+def test_attention_probs_and_attend_reproduce_the_attention(tiny_model):
+    attn = tiny_model("vit_test").blocks[0].attn
+    x = torch.randn(2, 17, 64)
+    probs = attn.attention_probs(x)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 17))
+    torch.testing.assert_close(attn(x, attend=lambda v: probs @ v), attn(x), atol=1e-6, rtol=1e-5)
+
+
 # --- token counts after each block, as each paper specifies ---------------------------------------------------
 @pytest.mark.parametrize("name, prefix", [("vit_test", 1), ("deit_test", 2)])
 @pytest.mark.parametrize("method, params, counts", [
