@@ -34,7 +34,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       device=args.device, mode=args.mode, repeats=args.repeats, budget=args.budget,
                       subprocess=not args.in_process, omp_wait_policy=args.omp_wait_policy, malloc_policy=args.malloc,
                       compare_timm=args.compare_timm, roofline=args.roofline, timeout=args.timeout,
-                      candidates=args.candidates and tuple(args.candidates))
+                      candidates=args.candidates and tuple(args.candidates), tokens=args.tokens)
     names, _ = resolve_models(args.pattern)
     con = _console()
     backend = copy.deepcopy(cfg).resolved().backend
@@ -258,10 +258,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             from visionzoo.weights import load_checkpoint
 
             load_checkpoint(model, args.init, strict=False)
-        res = fit(model, splits, cfg, args.out, resume=args.resume, dist_info=info)
+        hooks = {}
+        if args.tokens:
+            from visionzoo.tokens import apply_spec
+
+            if args.grad_checkpointing:
+                raise ValueError("--tokens cannot be combined with --grad-checkpointing (recomputed blocks would "
+                                 "see a later block's token state); drop one of them")
+            handle = apply_spec(model, args.tokens)
+            hooks = dict(loss_fn=handle.training_loss, on_step=handle.on_train_step)
+            if info.is_main:
+                print(f"token reduction: {handle.spec}")
+        res = fit(model, splits, cfg, args.out, resume=args.resume, dist_info=info, **hooks)
         if info.is_main and res.metrics is not None:
             ema = f", EMA {res.ema_metrics.top1:.2f}%" if res.ema_metrics else ""
-            print(f"{args.model}: val top-1 {res.metrics.top1:.2f}%, top-5 {res.metrics.top5:.2f}%{ema} "
+            tok = f" + {args.tokens}" if args.tokens else ""
+            print(f"{args.model}{tok}: val top-1 {res.metrics.top1:.2f}%, top-5 {res.metrics.top5:.2f}%{ema} "
                   f"({res.train_time_s:.0f} s); files in {args.out}: "
                   + ", ".join(Path(f).name for f in res.files.values()))
     finally:
@@ -289,16 +301,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = args.img_size if args.img_size != "native" else None
     model, meta = load_trained(args.checkpoint, args.model, img_size=size, ema=args.ema,
-                               num_classes=args.num_classes, in_chans=args.in_chans)
+                               num_classes=args.num_classes, in_chans=args.in_chans, tokens=args.tokens)
     splits = _load_splits(args, in_chans=model.in_chans)
     if model.num_classes == 1000 and splits.num_classes != 1000 and "classes" not in meta and args.num_classes is None:
         raise ArgumentError(f"{args.checkpoint} does not record its classes; pass --num-classes")
     m = eval_checkpoint(model, splits, meta, batch_size=args.batch_size, crop_pct=args.crop_pct, device=device)
     out = args.out or default_eval_dir(args.checkpoint)
     files = write_report(m, out, title=f"{model.name} on {splits.name}: top-1 {m.top1:.2f}%")
+    handle = getattr(model, "token_reduction", None)
+    tok = f" with {handle.spec}" if handle is not None else ""
     con = _console()
     if len(m.classes) <= 20:
-        t = Table(title=f"{model.name} on {splits.name} ({m.count} validation images)")
+        t = Table(title=f"{model.name}{tok} on {splits.name} ({m.count} validation images)")
         for c in ("class", "images", "top-1 %"):
             t.add_column(c)
         for c, n, a in zip(m.classes, m.confusion.sum(1).tolist(), m.per_class):
@@ -706,6 +720,9 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
     s.add_argument("--init", default=None, help="start from these weights (fine-tuning; a new head is fine)")
     s.add_argument("--resume", default=None, help="a latest.pt to continue exactly, or 'auto' for OUT/latest.pt")
     s.add_argument("--out", default="runs/train", help="folder for metrics.csv, latest.pt, curves.png, weights")
+    s.add_argument("--tokens", default=None, metavar="METHOD:K=V,...",
+                   help="train with token reduction active, e.g. tome:r=8, evit:keep=0.7, mctf:r=16,consistency=True, "
+                        "slim:keep=0.5 (visionzoo.tokens; recorded in the checkpoint)")
     _add_data_args(s)
     _add_recipe_args(s)
     s.set_defaults(func=cmd_train)
@@ -722,6 +739,9 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
     s.add_argument("--out", default=None, help="folder for metrics.json, per_class.csv, confusion.png (default: "
                    "CHECKPOINT_FOLDER/STEM_eval next to the checkpoint; runs/eval/NAME.TAG for --pretrained)")
     s.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    s.add_argument("--tokens", default=None, metavar="METHOD:K=V,...|none",
+                   help="evaluate with this token reduction (e.g. tome:r=13), or 'none'; default: the one the "
+                        "checkpoint was trained with, if any")
     _add_data_args(s)
     s.set_defaults(func=cmd_eval)
     s = sub.add_parser("compare", help="train several models under one recipe, budget and seed; one table, one plot",
@@ -788,6 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=None, help="seconds per model before it is given up")
     s.add_argument("--roofline", action="store_true",
                    help="measure the matmul peak and memory bandwidth; report model FLOP utilisation")
+    s.add_argument("--tokens", default=None, metavar="METHOD:K=V,...",
+                   help="measure with token reduction applied, e.g. evit:keep=0.7 or tome:r=13 (visionzoo.tokens; "
+                        "plain-token models only, others get an error row)")
     s.add_argument("--compare-timm", action="store_true",
                    help="also time timm's model of the same name, interleaved, and print ours/timm")
     s.add_argument("--out", default=None,

@@ -53,6 +53,7 @@ class BenchConfig:
     roofline: bool = False
     num_classes: int = 1000
     timeout: float | None = None  # seconds per model in the child process; None = no limit
+    tokens: str | None = None  # token reduction applied to each model, "method:key=value,..." (visionzoo.tokens)
 
     def resolved(self, lineup: bool = False) -> BenchConfig:
         """Fill the defaults left as ``None`` (``lineup``: the quicker ones of the default line-up) and expand
@@ -104,6 +105,10 @@ class BenchConfig:
             raise ArgumentError(f"bench: repeats must be >= 1 and budget > 0, got {self.repeats} and {self.budget}")
         if self.threads is not None and self.threads < 1:
             raise ArgumentError(f"bench: threads must be >= 1, got {self.threads}")
+        if self.tokens is not None:
+            from visionzoo.tokens import parse_spec
+
+            parse_spec(self.tokens)  # a clear error for a mistyped method, before any model is built
         if self.img_size is not None and self.img_size < 1:
             raise ArgumentError(f"bench: img_size must be positive, got {self.img_size}")
         dev = torch.device(self.device)
@@ -175,6 +180,7 @@ class BenchResult:
     timm_backend: str = ""
     cpu: str = ""
     cpu_flags: str = ""  # space-separated, as /proc/cpuinfo
+    tokens: str = ""  # the token reduction measured ("tome:r=13"), empty for the model as built
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BenchResult:

@@ -268,7 +268,7 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
                   malloc_policy=malloc_label(),  # read from this (measuring) process's environment
                   channels_last=cfg.channels_last, fused=cfg.fuse, compile=cfg.compile or "",
                   backend=cfg.backend if cfg.mode != "train" else "eager", cpu=cpu_name,
-                  cpu_flags=" ".join(cpu_flags))
+                  cpu_flags=" ".join(cpu_flags), tokens=cfg.tokens or "")
     try:
         v = get_variant(name)
     except ValueError as e:
@@ -278,9 +278,11 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
     img = cfg.img_size or v.input_size
     common["infer_img_size"] = img
     try:
-        prof = profile(name, input_size=img, img_size=cfg.img_size, num_classes=cfg.num_classes)
-        common.update(param_count=round(prof.params_m, 6), infer_gmacs=round(prof.gmacs, 6),
-                      infer_gflops=round(prof.gflops, 6))
+        # with --tokens the reduced model is counted once built (ATS's token counts depend on the input)
+        prof = None if cfg.tokens else profile(name, input_size=img, img_size=cfg.img_size, num_classes=cfg.num_classes)
+        if prof is not None:
+            common.update(param_count=round(prof.params_m, 6), infer_gmacs=round(prof.gmacs, 6),
+                          infer_gflops=round(prof.gflops, 6))
     except (ValueError, TypeError) as e:
         add(BenchResult(status="error", error=f"cannot take a {img}x{img} input: {one_line(e)}", **common))
         return rows
@@ -293,6 +295,17 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
     except Exception as e:  # noqa: BLE001
         add(BenchResult(status="error", error=f"build failed: {one_line(e)}", **common))
         return rows
+    if cfg.tokens:
+        try:
+            from visionzoo.tokens import apply_spec
+
+            apply_spec(base, cfg.tokens)
+            prof = profile(base, input_size=img)
+            common.update(param_count=round(prof.params_m, 6), infer_gmacs=round(prof.gmacs, 6),
+                          infer_gflops=round(prof.gflops, 6))
+        except ValueError as e:
+            add(BenchResult(status="error", error=f"--tokens {cfg.tokens}: {one_line(e)}", **common))
+            return rows
     timm_model, timm_note = (None, "")
     if cfg.compare_timm:
         timm_model, timm_note = _timm_model(name, cfg)

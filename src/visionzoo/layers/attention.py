@@ -4,9 +4,13 @@
 ``F.scaled_dot_product_attention`` call (fused, fast); a tool switches a core to the explicit path, where
 the probabilities exist as a tensor, by setting ``observer`` (attention maps) or ``fused = False``
 (quantizing the two matmuls). Masks, relative-position tables and a tool's per-key bias (``extra_bias``, e.g.
-ToMe's log token size) all enter the same way: added to the logits.
+ToMe's log token size) all enter the same way: added to the logits. ``qkv_observer`` shows a tool the queries,
+keys and values of a call (ToMe's matching metric, EViT's class attention) without leaving the fused path.
 
-``Attention`` is plain multi-head self-attention over tokens on top of it.
+``Attention`` is plain multi-head self-attention over tokens on top of it. Besides ``forward`` it can give the
+probabilities alone from queries and keys (``attention_probs``) and let a caller turn its values into the output
+(``forward(x, attend=...)``): MCTF's one-step-ahead attention computes the map on the tokens before merging and
+applies the merged map to the values of the merged tokens.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from .norm import get_norm
 from .tracing import is_tracing
 
 Observer = Callable[["AttentionCore", Tensor, "tuple[int, int] | None"], None]
+QKVObserver = Callable[["AttentionCore", Tensor, Tensor, Tensor, "Tensor | None", float], None]
 
 
 class AttentionCore(nn.Module):
@@ -33,7 +38,11 @@ class AttentionCore(nn.Module):
     Attributes a tool may set:
         observer: called as ``observer(core, probs, grid)`` with the ``(..., N_q, N_k)`` probabilities.
         fused: ``False`` runs the explicit matmul-softmax-matmul path even without an observer.
-        extra_bias: a tensor added to the logits on top of the caller's bias (broadcast to ``(..., N_q, N_k)``).
+        extra_bias: a tensor added to the logits on top of the caller's bias (broadcast to ``(..., N_q, N_k)``);
+            a float bias is cast to the dtype of ``q`` (autocast), a boolean one masks (``True`` = may attend).
+        qkv_observer: called as ``qkv_observer(core, q, k, v, bias, scale)`` before the attention runs, with the
+            bias that will be added (the caller's and ``extra_bias`` combined) and the resolved scale. It does not
+            switch off the fused path.
         head_mask: a ``(heads,)`` tensor multiplying each head's output (0 removes a head; head importance).
 
     Attributes the owning module may set, for windowed calls (the leading dim is batch x windows), so that tools
@@ -54,11 +63,38 @@ class AttentionCore(nn.Module):
         self.head_mask: Tensor | None = None
         self.partition = "block"
         self.shift: tuple[int, int] = (0, 0)
+        self.qkv_observer: QKVObserver | None = None
+
+    def full_bias(self, bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """The caller's ``bias`` combined with ``extra_bias`` (a float bias in ``dtype``), as the logits get it."""
+        extra = self.extra_bias
+        if extra is None:
+            return bias
+        if extra.is_floating_point() and extra.dtype != dtype:
+            extra = extra.to(dtype)
+        if bias is None:
+            return extra
+        if bias.dtype == torch.bool and extra.dtype == torch.bool:
+            return bias & extra
+        if bias.dtype == torch.bool:  # a boolean mask becomes 0 / -inf before a float bias is added to it
+            bias = torch.zeros_like(bias, dtype=extra.dtype).masked_fill(~bias, float("-inf"))
+        return _add_bias(bias, extra)
+
+    def probs(self, q: Tensor, k: Tensor, bias: Tensor | None = None, *, scale: float | None = None) -> Tensor:
+        """``softmax(q k^T * scale + bias + extra_bias)``, ``(..., N_q, N_k)``, without the values."""
+        return self._probs(q, k, self.full_bias(bias, q.dtype), q.shape[-1] ** -0.5 if scale is None else scale)
+
+    def _probs(self, q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+        logits = (q * scale) @ k.transpose(-2, -1)  # (..., N_q, d) @ (..., d, N_k) -> (..., N_q, N_k)
+        if bias is not None:
+            logits = _add_bias(logits, bias)
+        return logits.softmax(dim=-1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *, scale: float | None = None,
                 dropout_p: float = 0.0, grid: tuple[int, int] | None = None) -> Tensor:
-        if self.extra_bias is not None:
-            bias = self.extra_bias if bias is None else _add_bias(bias, self.extra_bias)
+        bias = self.full_bias(bias, q.dtype)
+        if self.qkv_observer is not None:
+            self.qkv_observer(self, q, k, v, bias, q.shape[-1] ** -0.5 if scale is None else scale)
         if self.fused and self.observer is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
             if bias is not None and is_tracing():
@@ -68,11 +104,7 @@ class AttentionCore(nn.Module):
                 # One copy in traced graphs makes the layout the same for every kernel; eager is unchanged.
                 out = out.clone(memory_format=torch.contiguous_format)
             return out if self.head_mask is None else self._mask_heads(out)
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        logits = (q * scale) @ k.transpose(-2, -1)  # (..., N_q, d) @ (..., d, N_k) -> (..., N_q, N_k)
-        if bias is not None:
-            logits = _add_bias(logits, bias)
-        probs = logits.softmax(dim=-1)
+        probs = self._probs(q, k, bias, q.shape[-1] ** -0.5 if scale is None else scale)
         if self.observer is not None:
             self.observer(self, probs, grid)
         if dropout_p > 0.0:
@@ -106,6 +138,9 @@ class Attention(nn.Module):
         qk_norm: normalise queries and keys per head before the dot product.
         prefix_tokens: class/distillation tokens ahead of the patch tokens (recorded with attention maps).
         attn_mask: in ``forward``, a float tensor broadcastable to ``(B, heads, N, N)`` added to the logits.
+        attend: in ``forward``, a function from the values of ``x`` ``(B, heads, N, d)`` to the attention output
+            ``(B, heads, N, d)``, in place of ``softmax(q k^T) v`` (queries and keys are then not computed, and
+            attention dropout is the function's business).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
@@ -127,8 +162,27 @@ class Attention(nn.Module):
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
+    def _heads(self, x: Tensor, part: slice, n: int) -> list[Tensor]:
+        """Rows ``part`` of the qkv projection (``n`` of q/k/v) of ``x`` ``(B, N, C)``, as ``n x (B, h, N, d)``."""
         B, N, _ = x.shape
+        bias = None if self.qkv.bias is None else self.qkv.bias[part]
+        y = F.linear(x, self.qkv.weight[part], bias).reshape(B, N, n, self.num_heads, self.head_dim)
+        return list(y.permute(2, 0, 3, 1, 4).unbind(0))  # (B, N, n, h, d) -> n x (B, h, N, d)
+
+    def attention_probs(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """The probabilities ``(B, heads, N, N)`` of ``x``'s self-attention, from queries and keys alone."""
+        inner = self.num_heads * self.head_dim
+        q, k = self._heads(x, slice(0, 2 * inner), 2)
+        return self.core.probs(self.q_norm(q), self.k_norm(k), attn_mask, scale=self.scale)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, grid: tuple[int, int] | None = None,
+                attend: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        B, N, _ = x.shape
+        if attend is not None:
+            inner = self.num_heads * self.head_dim
+            (v,) = self._heads(x, slice(2 * inner, 3 * inner), 1)
+            x = attend(v).transpose(1, 2).reshape(B, N, -1)  # (B, h, N, d) -> (B, N, h * d)
+            return self.proj_drop(self.proj(x))
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, 3, h, d) -> 3 x (B, h, N, d)
         q, k = self.q_norm(q), self.k_norm(k)

@@ -33,6 +33,7 @@ from visionzoo.layers import (
     LayerType,
     Mlp,
     PatchEmbed,
+    TokenBlock,
     drop_path_rates,
     get_norm,
     init_linear,
@@ -54,8 +55,8 @@ def pos_embed_for(pos_embed: Tensor, x: Tensor, grid_size: tuple[int, int], num_
     return resample_abs_pos_embed(pos_embed, tuple(x.shape[1:3]), grid_size, num_prefix_tokens=num_prefix_tokens)
 
 
-class ViTBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+class ViTBlock(TokenBlock):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)) (``TokenBlock.forward``)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, norm_layer: LayerType = "ln", act_layer: LayerType = "gelu",
@@ -68,10 +69,6 @@ class ViTBlock(nn.Module):
         self.norm2 = norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class DeiTHead(ClassifierHead):

@@ -25,11 +25,14 @@ def _plain_args(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_trained(path: str | Path, name: str | None = None, *, num_classes: int | None = None,
-                 in_chans: int | None = None, img_size: int | None = None, ema: bool = False
-                 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The model in ``path`` and what training recorded (``classes``, ``input_size``); see the module docstring.
+                 in_chans: int | None = None, img_size: int | None = None, ema: bool = False,
+                 tokens: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model in ``path`` and what training recorded (``classes``, ``input_size``, ``tokens``); see the module
+    docstring.
 
     ``name`` must match the recorded variant when the file records one, and is required when it does not.
+    ``tokens``: a token reduction to apply (``"tome:r=8"``, see ``visionzoo.tokens.parse_spec``), ``"none"`` for
+    none, or ``None`` for the one the run was trained with (recorded by ``visionzoo train --tokens``).
     """
     from visionzoo.registry import create_model
     from visionzoo.weights import FORMAT, load_checkpoint, read
@@ -50,6 +53,8 @@ def load_trained(path: str | Path, name: str | None = None, *, num_classes: int 
             state = obj
     if state is not None:
         variant, args, meta = state["variant"], state["args"], {k: state[k] for k in ("classes", "input_size")}
+        if state.get("tokens"):
+            meta["tokens"] = state["tokens"]
         if ema and state.get("ema") is None:
             raise ArgumentError(f"{path}: --ema asked for, but the run was trained without EMA")
         weights = state["ema"]["module"] if ema else state["model"]
@@ -69,9 +74,14 @@ def load_trained(path: str | Path, name: str | None = None, *, num_classes: int 
         raise ArgumentError(f"{path} does not record its model; pass --model NAME")
     else:
         model = create_model(name, num_classes=num_classes or 1000, in_chans=in_chans or 3, img_size=img_size)
-    load_checkpoint(model, weights)
     size = img_size or meta.get("input_size") or model.data_config["input_size"][-1]
     model.data_config["input_size"] = (model.in_chans, size, size)
+    spec = meta.get("tokens") if tokens is None else (None if tokens == "none" else tokens)
+    if spec:
+        from visionzoo.tokens import apply_spec
+
+        apply_spec(model, spec)  # before loading: token slimming adds parameters the checkpoint holds
+    load_checkpoint(model, weights)
     return model.eval(), meta
 
 

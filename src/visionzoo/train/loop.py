@@ -36,6 +36,7 @@ __all__ = ["FitResult", "ModelEma", "TrainConfig", "TrainingInterrupted", "build
 
 TRAIN_FORMAT = "visionzoo-train"
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LossFn = Callable[[nn.Module, Tensor, Tensor], "tuple[Tensor, Tensor]"]
 
 
 @dataclass
@@ -227,8 +228,13 @@ class _Trainer:
     """The state of one ``fit`` call; methods are the steps of the loop."""
 
     def __init__(self, model: nn.Module, splits: DataSplits, cfg: TrainConfig, out_dir: Path | None,
-                 dist_info: DistInfo, log: Callable[[str], None]) -> None:
+                 dist_info: DistInfo, log: Callable[[str], None], loss_fn: LossFn | None = None,
+                 on_step: Callable[[float], None] | None = None) -> None:
         self.cfg, self.splits, self.out_dir, self.d, self.log = cfg, splits, out_dir, dist_info, log
+        self.loss_fn, self.on_step = loss_fn, on_step
+        if loss_fn is not None and dist_info.enabled:
+            raise ValueError("a custom loss_fn runs the model outside DistributedDataParallel; train it in one "
+                             "process (no torchrun), or without the loss (e.g. --tokens without consistency)")
         self.device = torch.device(dist_info.device)
         base = model.to(self.device)
         dc = getattr(base, "data_config", None) or {}
@@ -277,7 +283,7 @@ class _Trainer:
                 "step": self.sched.last_step, "model": self.base.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "scaler": self.scaler.state_dict() if self.scaler else None, "rng": all_gather_objects(rng_state()),
-                "history": self.history, "config": asdict(self.cfg)}
+                "history": self.history, "config": asdict(self.cfg), "tokens": _tokens_spec(self.base)}
 
     def load(self, state: dict[str, Any]) -> None:
         name = getattr(self.base, "variant", (None,))[0]
@@ -303,8 +309,12 @@ class _Trainer:
     def _forward_backward(self, x: Tensor, t: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         dtype = AMP[self.cfg.amp]
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = self.model(x)
-        loss = soft_cross_entropy(logits, t)
+            if self.loss_fn is not None:
+                loss, logits = self.loss_fn(self.base, x, t)
+            else:
+                logits = self.model(x)
+        if self.loss_fn is None:
+            loss = soft_cross_entropy(logits, t)
         (self.scaler.scale(loss * scale) if self.scaler else loss * scale).backward()
         return loss.detach(), logits.detach()
 
@@ -330,8 +340,14 @@ class _Trainer:
                 self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         self.sched.step()
+        self.progress_hook()
         if self.ema is not None:
             self.ema.update(self.base)
+
+    def progress_hook(self) -> None:
+        """Tell ``on_step`` the fraction of training done (schedules of tools applied to the model)."""
+        if self.on_step is not None:
+            self.on_step(min(1.0, self.sched.last_step / max(1, self.cfg.epochs * self.steps_per_epoch)))
 
     def train_epoch(self, progress: Any) -> tuple[float, float]:
         self.model.train()
@@ -386,11 +402,16 @@ def _progress(enabled: bool) -> Any:
 
 def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, out_dir: str | Path | None = None, *,
         resume: str | Path | None = None, dist_info: DistInfo | None = None,
-        log: Callable[[str], None] | None = print) -> FitResult:
+        log: Callable[[str], None] | None = print, loss_fn: LossFn | None = None,
+        on_step: Callable[[float], None] | None = None) -> FitResult:
     """Train ``model`` on ``splits`` with ``cfg``; write ``metrics.csv``, ``latest.pt`` (every epoch) and, at the
     end, ``curves.png`` and ``model.safetensors`` (``model_ema.safetensors``) into ``out_dir`` (rank 0 only).
 
-    ``resume`` is a ``latest.pt`` path, or ``"auto"`` for ``out_dir/latest.pt`` when it exists. The model must be
+    ``resume`` is a ``latest.pt`` path, or ``"auto"`` for ``out_dir/latest.pt`` when it exists. ``loss_fn(model, x,
+    soft_targets) -> (loss, logits)`` replaces the soft-target cross-entropy (a tool's training loss, e.g. MCTF's
+    token-reduction consistency; single process only); ``on_step(fraction_done)`` is called before the first step
+    and after every optimiser step (a tool's schedule, e.g. EViT's keep-rate warm-up). ``visionzoo.tokens`` handles
+    provide both (``handle.training_loss``, ``handle.on_train_step``). The model must be
     built with the data's ``num_classes`` and ``in_chans``; its ``data_config`` gives the input size, mean, std,
     crop_pct and interpolation.
     """
@@ -408,12 +429,13 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
     running, saved = 0, None  # the epoch in progress; the epoch the latest.pt on disk holds
     try:
         seed_everything(cfg.seed + d.rank)
-        tr = _Trainer(model, splits, cfg, out, d, say)
+        tr = _Trainer(model, splits, cfg, out, d, say, loss_fn, on_step)
         if resume == "auto":
             resume = out / "latest.pt" if out is not None and (out / "latest.pt").is_file() else None
         if resume is not None:
             tr.load(load_train_state(resume))
             say(f"resumed from {resume} after epoch {tr.epoch} (step {tr.sched.last_step})")
+        tr.progress_hook()
         t_start = time.perf_counter()
         ran = 0
         metrics = ema_metrics = None
@@ -459,12 +481,20 @@ def _finish(tr: _Trainer, out: Path) -> dict[str, str]:
     files = {"metrics": str(out / "metrics.csv"), "checkpoint": str(out / "latest.pt")}
     files["curves"] = str(plot_history({tr.base.name: tr.history}, out / "curves.png", title=tr.base.name))
     extra = train_metadata(tr.splits.classes, tr.img_size)
+    if _tokens_spec(tr.base):
+        extra["tokens"] = _tokens_spec(tr.base)
     if getattr(tr.base, "variant", None) is not None:
         files["model"] = str(save(tr.base, out / "model.safetensors", extra=extra))
         if tr.ema is not None:
             tr.ema.module.variant = tr.base.variant
             files["model_ema"] = str(save(tr.ema.module, out / "model_ema.safetensors", extra=extra))
     return files
+
+
+def _tokens_spec(model: nn.Module) -> str | None:
+    """The token reduction applied to ``model`` (``visionzoo.tokens``), as ``--tokens`` takes it, or ``None``."""
+    handle = getattr(model, "token_reduction", None)
+    return None if handle is None else handle.spec
 
 
 def train_metadata(classes: list[str], input_size: int) -> dict[str, str]:
