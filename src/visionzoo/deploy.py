@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from visionzoo.errors import BackendUnavailable, VisionZooError
+from visionzoo.errors import ArgumentError, BackendUnavailable, VisionZooError
 from visionzoo.runtime import backends as B
 from visionzoo.runtime.cache import JsonCache, key
 from visionzoo.runtime.cpu import cpu_info
@@ -163,18 +163,18 @@ def _check_args(model: nn.Module, x: Tensor, backend: str, dtype: str, candidate
         raise TypeError(f"deploy: example_input must be a torch.Tensor (a batch as the model takes it), got "
                         f"{type(x).__name__}")
     if x.device.type != "cpu":
-        raise ValueError(f"deploy: example_input is on {x.device}; this path chooses among CPU backends, so pass "
+        raise ArgumentError(f"deploy: example_input is on {x.device}; this path chooses among CPU backends, so pass "
                          f"a CPU tensor")
     if x.dtype != torch.float32:
-        raise ValueError(f"deploy: example_input must be float32 (the reference precision), got {x.dtype}; "
+        raise ArgumentError(f"deploy: example_input must be float32 (the reference precision), got {x.dtype}; "
                          f"ask for lower precision with dtype='bf16' or 'int8'")
     if dtype not in B.DTYPES:
-        raise ValueError(f"deploy: dtype must be one of {B.DTYPES}, got {dtype!r}")
+        raise ArgumentError(f"deploy: dtype must be one of {B.DTYPES}, got {dtype!r}")
     for b in ([backend] if backend != "auto" else []) + list(candidates or ()):
         if b not in B.BACKENDS:
             close = difflib.get_close_matches(str(b), B.BACKENDS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"deploy: backend must be 'auto' or one of {B.BACKENDS}, got {b!r}{hint}")
+            raise ArgumentError(f"deploy: backend must be 'auto' or one of {B.BACKENDS}, got {b!r}{hint}")
 
 
 # --- deploy ------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError
 from visionzoo.layers import AttentionCore
 
 
@@ -63,7 +64,7 @@ class AttentionRecorder:
         self._cores = [(n, m) for n, m in model.named_modules() if isinstance(m, AttentionCore)]
         if not self._cores:
             name = getattr(model, "name", type(model).__name__)
-            raise ValueError(f"{name} has no softmax attention (it declares has_attention=False), so there are no "
+            raise ArgumentError(f"{name} has no softmax attention (it declares has_attention=False), so there are no "
                              f"attention maps to record; use a CAM method (visionzoo.explain) for this model")
         self._handle = None
 
@@ -132,13 +133,14 @@ def token_layout(amap: AttentionMap, reduction: int | None = None) -> tuple[int,
     ``stage_info``) is tried first.
     """
     if amap.grid is None:
-        raise ValueError(f"{amap.name}: the attention call did not say its query grid, and none could be inferred")
+        raise ArgumentError(f"{amap.name}: the attention call did not say its query grid, and none could be inferred")
     gh, gw = amap.grid
     nW = amap.windows
     if nW == 1:
         return gh, gw, 1, 1
     if amap.image_size is None or amap.batch is None:
-        raise ValueError(f"{amap.name}: a windowed call ({nW} calls) recorded without the input size; record it with "
+        raise ArgumentError(f"{amap.name}: a windowed call ({nW} calls) recorded without the input size; record "
+                            f"it with "
                          f"record_attention(model) around model(x)")
     H, W = amap.image_size
     for s in _strides(reduction):
@@ -146,7 +148,7 @@ def token_layout(amap: AttentionMap, reduction: int | None = None) -> tuple[int,
         nWh, nWw = -(-Ht // gh), -(-Wt // gw)
         if nWh * nWw == nW:
             return Ht, Wt, nWh, nWw
-    raise ValueError(f"{amap.name}: {nW} windows of {gh}x{gw} tile no token map of a {H}x{W} input at any stride; "
+    raise ArgumentError(f"{amap.name}: {nW} windows of {gh}x{gw} tile no token map of a {H}x{W} input at any stride; "
                      f"the call's batch dims are not batch x windows")
 
 
@@ -165,7 +167,7 @@ def place_windows(values: Tensor, amap: AttentionMap, reduction: int | None = No
     elif amap.partition == "block":
         v = v.permute(0, 3, 1, 4, 2, 5).reshape(-1, heads, nWh * gh, nWw * gw)  # -> (B, h, Hp, Wp)
     else:
-        raise ValueError(f"{amap.name}: AttentionCore.partition must be 'block' or 'grid', got {amap.partition!r}")
+        raise ArgumentError(f"{amap.name}: AttentionCore.partition must be 'block' or 'grid', got {amap.partition!r}")
     v = v[..., :Ht, :Wt]
     if any(amap.shift):
         v = torch.roll(v, shifts=tuple(amap.shift), dims=(-2, -1))
@@ -201,7 +203,7 @@ def head_maps(amap: AttentionMap, kind: str = "auto", reduction: int | None = No
         uniform); defined for every call. ``"auto"`` picks the first that applies in that order.
     """
     if kind not in MAP_KINDS:
-        raise ValueError(f"head_maps: kind must be one of {MAP_KINDS}, got {kind!r}")
+        raise ArgumentError(f"head_maps: kind must be one of {MAP_KINDS}, got {kind!r}")
     probs = amap.probs.float()
     heads, Nq, Nk = probs.shape[-3:]
     probs = probs.reshape(-1, heads, Nq, Nk)
@@ -215,9 +217,9 @@ def head_maps(amap: AttentionMap, kind: str = "auto", reduction: int | None = No
         ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(max(Nk, 2))  # (B', h, Nq)
         return place_windows(ent[..., p:], amap, reduction), kind
     if kind == "cls" and not p:
-        raise ValueError(f"{amap.name}: kind='cls' needs prefix (class) tokens; this call has none")
+        raise ArgumentError(f"{amap.name}: kind='cls' needs prefix (class) tokens; this call has none")
     if kgrid is None and not amap.self_attention:
-        raise ValueError(f"{amap.name}: its {Nk} keys are not the queries ({Nq}) and not a grid over the image, so "
+        raise ArgumentError(f"{amap.name}: its {Nk} keys are not the queries ({Nq}) and not a grid over the image, so "
                          f"kind={kind!r} has no place to put them; use kind='entropy'")
     rows = probs[:, :, :p] if kind == "cls" else probs[:, :, p:]
     recv = rows.mean(2)[..., p:]  # (B', h, Nk) -> (B', h, keys without the prefix keys)

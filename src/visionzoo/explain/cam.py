@@ -99,7 +99,7 @@ def _learn_layout(model: nn.Module, x: Tensor, stage: int) -> StageLayout:
     finally:
         handle.remove()
     if not seen:
-        raise ValueError(f"{model.name}: stage {idx} ({model.stage_info[idx].module}) did not run in "
+        raise ArgumentError(f"{model.name}: stage {idx} ({model.stage_info[idx].module}) did not run in "
                          f"forward_intermediates; the stage modules and the forward disagree")
     out = seen[-1]
     items = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -121,7 +121,7 @@ def _learn_layout(model: nn.Module, x: Tensor, stage: int) -> StageLayout:
             if a.shape == ref.shape and (a - ref).abs().max().item() <= tol:
                 return lay
     shapes = [tuple(t.shape) for t in items if isinstance(t, Tensor)]
-    raise ValueError(f"{model.name}: the output of stage {idx} ({shapes}) matches none of NCHW, NHWC or tokens of "
+    raise ArgumentError(f"{model.name}: the output of stage {idx} ({shapes}) matches none of NCHW, NHWC or tokens of "
                      f"forward_intermediates' map {tuple(ref.shape)}; the stage module and forward_intermediates "
                      f"disagree")
 
@@ -236,7 +236,7 @@ def cam(model: nn.Module, x: Tensor, method: str = "gradcam", stage: int | None 
     if method not in CAM_METHODS:
         raise ArgumentError(f"cam: method must be one of {CAM_METHODS}, got {method!r}")
     if x.ndim != 4:
-        raise ValueError(f"cam: x must be a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        raise ArgumentError(f"cam: x must be a (B, C, H, W) batch, got shape {tuple(x.shape)}")
     stage = default_stage(model) if stage is None else stage
     tap = StageTap(model, stage).prepare(x)
     size = tuple(x.shape[-2:])
@@ -254,7 +254,7 @@ def cam(model: nn.Module, x: Tensor, method: str = "gradcam", stage: int | None 
     score = logits.gather(1, targets[:, None]).sum()
     (g,) = torch.autograd.grad(score, a)
     if not g.abs().amax().item() > 0:
-        raise ValueError(f"{model.name}: the target's score has no gradient at stage {tap.stage} "
+        raise ArgumentError(f"{model.name}: the target's score has no gradient at stage {tap.stage} "
                          f"({model.stage_info[tap.stage].module}); the head reads only the class token after it. "
                          f"Use an earlier stage (the default, stage={default_stage(model)}, does this)")
     raw = _weights(method, a.detach().float(), g.float())

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError
+
 __all__ = ["AucResult", "deletion_insertion", "gaussian_blur", "pointing_game", "random_maps",
            "random_pointing_baseline"]
 
@@ -58,9 +60,9 @@ def deletion_insertion(model: nn.Module, x: Tensor, saliency: Tensor, targets: T
                        batch_size: int = 64, blur_sigma: float = 5.0, blur_kernel: int = 11) -> AucResult:
     """Deletion and insertion AUC of ``saliency`` ``(B, H, W)`` for ``targets`` ``(B,)`` on ``x`` (normalised)."""
     if saliency.shape != (x.shape[0], *x.shape[-2:]):
-        raise ValueError(f"saliency must be (B, H, W) = {(x.shape[0], *x.shape[-2:])}, got {tuple(saliency.shape)}")
+        raise ArgumentError(f"saliency must be (B, H, W) = {(x.shape[0], *x.shape[-2:])}, got {tuple(saliency.shape)}")
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise ArgumentError(f"steps must be >= 1, got {steps}")
     B, C, H, W = x.shape
     n = H * W
     order = saliency.reshape(B, n).float().argsort(1, descending=True)  # most salient first

@@ -226,10 +226,10 @@ def robustness(model: nn.Module, x: Tensor, y: Tensor, probes: tuple[str, ...] |
     if bad or not probes:
         raise ArgumentError(f"probes must be a non-empty subset of {PROBES}, got {tuple(probes)}")
     if x.ndim != 4 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"robustness: x must be (N, C, H, W) with one label each, got {tuple(x.shape)} and "
+        raise ArgumentError(f"robustness: x must be (N, C, H, W) with one label each, got {tuple(x.shape)} and "
                          f"{tuple(y.shape)} labels")
     if x.min() < 0 or x.max() > 1:
-        raise ValueError("robustness: x must hold images in [0, 1] (the model's normalisation is applied inside)")
+        raise ArgumentError("robustness: x must hold images in [0, 1] (the model's normalisation is applied inside)")
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
     if unknown:
         raise ArgumentError(f"corruptions must be among {tuple(CORRUPTIONS)}, got {unknown}")
@@ -325,7 +325,7 @@ def split_images(dataset: Any, size: int, crop_pct: float = 1.0, interpolation: 
 
     n = len(dataset)
     if n == 0:
-        raise ValueError("robustness: the evaluation split has no images")
+        raise ArgumentError("robustness: the evaluation split has no images")
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist() \
         if limit is not None and limit < n else list(range(n))
     t = EvalResize(size, crop_pct, interpolation)

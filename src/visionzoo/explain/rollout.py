@@ -75,7 +75,8 @@ def token_matrix(amap: AttentionMap, reduction: int | None = None) -> Tensor:
             return probs
         kg = key_grid(amap)
         if kg is None:
-            raise ValueError(f"{amap.name}: {Nk} keys for {Nq} queries that are neither the queries nor a pooled grid "
+            raise ArgumentError(f"{amap.name}: {Nk} keys for {Nq} queries that are neither the queries nor a "
+                                f"pooled grid "
                              f"of the image (per-query key sets), so it has no token-to-token matrix for rollout; "
                              f"use per-head maps (attention_maps) or a CAM")
         gh, gw = amap.grid
@@ -87,7 +88,8 @@ def token_matrix(amap: AttentionMap, reduction: int | None = None) -> Tensor:
         spread = spread / spread.sum(1, keepdim=True)  # each pooled key spread evenly over its cell
         return probs @ spread  # (B, h, Nq, Nk) @ (Nk, Nq) -> (B, h, Nq, Nq)
     if not amap.self_attention or p:
-        raise ValueError(f"{amap.name}: windowed attention with {Nk} keys for {Nq} queries (per-query key sets), so it "
+        raise ArgumentError(f"{amap.name}: windowed attention with {Nk} keys for {Nq} queries (per-query key "
+                            f"sets), so it "
                          f"has no token-to-token matrix for rollout; use per-head maps (attention_maps) or a CAM")
     idx, N = _window_index(amap, reduction)
     nW, n = idx.shape

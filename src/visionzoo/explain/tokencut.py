@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError
+
 __all__ = ["TokenCutResult", "ncut", "tokencut"]
 
 
@@ -74,10 +76,10 @@ def ncut(feats: Tensor, grid: tuple[int, int], tau: float = 0.2, eps: float = 1e
 def tokencut(model: nn.Module, x: Tensor, stage: int = -1, tau: float = 0.2, eps: float = 1e-5) -> TokenCutResult:
     """TokenCut on the features of ``stage`` for each image of ``x``; see the module docstring."""
     if not 0.0 <= tau < 1.0:
-        raise ValueError(f"tokencut: tau is a cosine-similarity threshold in [0, 1), got {tau}")
+        raise ArgumentError(f"tokencut: tau is a cosine-similarity threshold in [0, 1), got {tau}")
     n = len(model.stage_modules())
     if not -n <= stage < n:
-        raise ValueError(f"tokencut: stage must be in -{n}..{n - 1}, got {stage}")
+        raise ArgumentError(f"tokencut: stage must be in -{n}..{n - 1}, got {stage}")
     fmap = model.forward_intermediates(x, [stage % n])[0].float()  # (B, C, h, w)
     B, C, h, w = fmap.shape
     H, W = x.shape[-2:]

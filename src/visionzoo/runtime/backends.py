@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from visionzoo.errors import BackendUnavailable
+from visionzoo.errors import ArgumentError, BackendUnavailable
 from visionzoo.runtime.cpu import cpu_name, has_bf16
 from visionzoo.runtime.kernels import OPS, count_swapped, fast_kernels, kernel_choice
 
@@ -107,7 +107,7 @@ class Shared:
 def unavailable(backend: str, dtype: str) -> str | None:
     """Why ``backend`` cannot run ``dtype`` here (a sentence with the fix), or None when it can."""
     if backend not in BACKENDS:
-        raise ValueError(f"deploy: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        raise ArgumentError(f"deploy: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if dtype not in SUPPORTS[backend]:
         return WHY_NOT.get((backend, dtype), f"{backend} does not run {dtype}")
     if dtype == "bf16" and not has_bf16():

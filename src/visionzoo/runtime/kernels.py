@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError
 from visionzoo.runtime.cache import JsonCache, key
 from visionzoo.runtime.cpu import cpu_info
 
@@ -223,9 +224,9 @@ def measure_kernels(op: str = "linear", dtype: str = "fp32", shapes: tuple[tuple
     only ever slow a sample down, so the best one is the least disturbed)."""
     rounds, sample_s = rounds or CALIBRATION_ROUNDS, CALIBRATION_SAMPLE_S if sample_s is None else sample_s
     if op not in OPS:
-        raise ValueError(f"measure_kernels: op must be one of {OPS}, got {op!r}")
+        raise ArgumentError(f"measure_kernels: op must be one of {OPS}, got {op!r}")
     if dtype not in DTYPES:
-        raise ValueError(f"measure_kernels: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        raise ArgumentError(f"measure_kernels: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     kernels = tuple(k for k in KERNELS if k == "aten" or onednn_available())
     name, flags = cpu_info()
     g = torch.Generator().manual_seed(0)
@@ -264,12 +265,12 @@ def kernel_choice(op: str = "linear", dtype: str = "fp32", cache: bool = True, c
     """The fastest kernel for ``op`` here: measured once per CPU model, torch version, threads and dtype, then
     read from the cache; or pinned by ``VISIONZOO_KERNEL=aten|onednn`` (reproducible runs, tests)."""
     if op not in OPS:
-        raise ValueError(f"kernel_choice: op must be one of {OPS}, got {op!r}")
+        raise ArgumentError(f"kernel_choice: op must be one of {OPS}, got {op!r}")
     name, flags = cpu_info()
     pinned = os.environ.get("VISIONZOO_KERNEL")
     if pinned:
         if pinned not in KERNELS:
-            raise ValueError(f"VISIONZOO_KERNEL must be one of {KERNELS}, got {pinned!r}")
+            raise ArgumentError(f"VISIONZOO_KERNEL must be one of {KERNELS}, got {pinned!r}")
         return KernelChoice(op=op, kernel=pinned if onednn_available() else "aten", speedup=1.0, cpu=name,
                             cpu_flags=flags, threads=torch.get_num_threads(), torch=torch.__version__, dtype=dtype,
                             source="VISIONZOO_KERNEL")
@@ -301,17 +302,17 @@ def fast_kernels(model: nn.Module, kernels: str | dict[str, str] | None = None, 
     under ``torch.autocast("cpu", torch.bfloat16)``). ``ops`` limits the swap, e.g. ``("linear",)``.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"fast_kernels: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        raise ArgumentError(f"fast_kernels: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     bad = [op for op in ops if op not in OPS]
     if bad:
-        raise ValueError(f"fast_kernels: ops must be among {OPS}, got {bad}")
+        raise ArgumentError(f"fast_kernels: ops must be among {OPS}, got {bad}")
     kernels = {op: kernels for op in ops} if isinstance(kernels, str) or kernels is None else dict(kernels)
     for op in ops:
         k = kernels.get(op)
         if k is None:
             kernels[op] = kernel_choice(op, dtype, cache_dir=cache_dir).kernel
         elif k not in KERNELS:
-            raise ValueError(f"fast_kernels: kernel must be None (measure) or one of {KERNELS}, got {k!r}")
+            raise ArgumentError(f"fast_kernels: kernel must be None (measure) or one of {KERNELS}, got {k!r}")
         elif k == "onednn" and not onednn_available():
             from visionzoo.errors import BackendUnavailable
 

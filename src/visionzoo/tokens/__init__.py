@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from visionzoo.errors import ArgumentError
 from visionzoo.tokens.ats import ATS
 from visionzoo.tokens.core import TokenReduction, refusal, token_sequences
 from visionzoo.tokens.evit import EViT
@@ -38,7 +39,7 @@ def apply(model: nn.Module, method: str, **params: Any) -> TokenReduction:
     if method not in METHODS:
         close = difflib.get_close_matches(str(method), METHODS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"visionzoo.tokens.apply: method must be one of {tuple(METHODS)}, got {method!r}{hint}")
+        raise ArgumentError(f"visionzoo.tokens.apply: method must be one of {tuple(METHODS)}, got {method!r}{hint}")
     return METHODS[method](model, **params).install()
 
 
@@ -47,7 +48,7 @@ def remove(model: nn.Module) -> nn.Module:
     handle = getattr(model, "token_reduction", None)
     if handle is None:
         name = getattr(model, "name", type(model).__name__)
-        raise ValueError(f"visionzoo.tokens.remove: {name} has no token reduction applied")
+        raise ArgumentError(f"visionzoo.tokens.remove: {name} has no token reduction applied")
     handle.remove()
     return model
 
@@ -64,14 +65,14 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if method not in METHODS:
         close = difflib.get_close_matches(method, METHODS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"--tokens: the method must be one of {', '.join(METHODS)} (e.g. tome:r=8), "
+        raise ArgumentError(f"--tokens: the method must be one of {', '.join(METHODS)} (e.g. tome:r=8), "
                          f"got {method!r}{hint}")
     params: dict[str, Any] = {}
     for item in _split_top(rest):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
-            raise ValueError(f"--tokens {spec!r}: parameters are KEY=VALUE separated by commas (e.g. "
+            raise ArgumentError(f"--tokens {spec!r}: parameters are KEY=VALUE separated by commas (e.g. "
                              f"evit:keep=0.7,blocks=[3,6,9]), got {item!r}")
         try:
             params[key] = ast.literal_eval(value.strip())

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from visionzoo.errors import ArgumentError
 from visionzoo.layers import TokenBlock
 from visionzoo.tokens.core import (
     CaptureQKV,
@@ -111,7 +112,7 @@ class ATS(TokenReduction):
         ok = (not isinstance(t, bool) and ((isinstance(t, int) and t >= 2) or
                                            (isinstance(t, float) and 0 < t <= 1)))
         if not ok:
-            raise ValueError(f"ats: tokens (the most tokens a sampling block keeps, class token included) must be "
+            raise ArgumentError(f"ats: tokens (the most tokens a sampling block keeps, class token included) must be "
                              f"an int >= 2 or a fraction in (0, 1] of the input tokens, got {t!r}")
         self.blocks = [check_blocks(self.name, self.params["blocks"], len(seq), range(len(seq) // 4, len(seq)))
                        for seq in self.sequences]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError
 from visionzoo.layers import AttentionCore, TokenBlock
 
 
@@ -240,7 +241,7 @@ def check_blocks(method: str, blocks: Sequence[int] | None, num_blocks: int, def
     out = []
     for b in blocks:
         if not isinstance(b, int) or not -num_blocks <= b < num_blocks:
-            raise ValueError(f"{method}: blocks entry {b!r} is out of range for a sequence of {num_blocks} blocks "
+            raise ArgumentError(f"{method}: blocks entry {b!r} is out of range for a sequence of {num_blocks} blocks "
                              f"(valid: 0..{num_blocks - 1}, or negative from the end)")
         out.append(b % num_blocks)
     return sorted(set(out))
@@ -250,13 +251,13 @@ def check_fraction(method: str, name: str, value: Any, low_open: bool = True) ->
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1 if low_open else
                                                                               0 <= value <= 1):
         rng = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"{method}: {name} must be a number in {rng}, got {value!r}")
+        raise ArgumentError(f"{method}: {name} must be a number in {rng}, got {value!r}")
     return float(value)
 
 
 def check_int(method: str, name: str, value: Any, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{method}: {name} must be an integer >= {minimum}, got {value!r}")
+        raise ArgumentError(f"{method}: {name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -277,11 +278,11 @@ class TokenReduction:
     def __init__(self, model: nn.Module, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+            raise ArgumentError(f"{self.name}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
                              f"{self.name} takes {', '.join(f'{k}={v!r}' for k, v in self.defaults.items())}")
         why = refusal(model)
         if why is not None:
-            raise ValueError(f"visionzoo.tokens.apply({self.name!r}): {why}")
+            raise ArgumentError(f"visionzoo.tokens.apply({self.name!r}): {why}")
         self.model = model
         self.given = dict(params)
         self.params = {**self.defaults, **params}
@@ -343,7 +344,7 @@ class TokenReduction:
         state = self.states[0]
         counts = state.counts
         if not counts:
-            raise ValueError(f"{self.name}: no forward pass has run since apply(); call the model first")
+            raise ArgumentError(f"{self.name}: no forward pass has run since apply(); call the model first")
         if not per_image:
             return [int(c) if isinstance(c, int) else int(c.max()) for c in counts]
         ref = next((c for c in counts if not isinstance(c, int)), None)
@@ -370,7 +371,7 @@ def _fmt(v: Any) -> str:
 
 def _no_intermediates(handle: TokenReduction) -> Callable:
     def forward_intermediates(*args: Any, **kwargs: Any) -> list[Tensor]:
-        raise ValueError(f"{getattr(handle.model, 'name', 'model')}: forward_intermediates returns token maps, and "
+        raise ArgumentError(f"{getattr(handle.model, 'name', 'model')}: forward_intermediates returns token maps, and "
                          f"{handle.spec} merges or drops tokens so they no longer form a map; call "
                          f"visionzoo.tokens.remove(model) first")
     return forward_intermediates

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from visionzoo.errors import ArgumentError
 from visionzoo.layers import TokenBlock
 from visionzoo.tokens.core import (
     CaptureQKV,
@@ -114,7 +115,7 @@ class EViT(TokenReduction):
         if warmup is not None:
             if (not isinstance(warmup, (list, tuple)) or len(warmup) != 2
                     or not all(isinstance(v, (int, float)) for v in warmup) or not 0 <= warmup[0] < warmup[1] <= 1):
-                raise ValueError(f"evit: warmup must be None or (start, end) fractions of training with "
+                raise ArgumentError(f"evit: warmup must be None or (start, end) fractions of training with "
                                  f"0 <= start < end <= 1, got {warmup!r}")
             warmup = (float(warmup[0]), float(warmup[1]))
         self.warmup = warmup

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError
 from visionzoo.layers import TokenBlock
 from visionzoo.tokens.core import (
     TokenHook,
@@ -202,13 +203,13 @@ class MCTF(TokenReduction):
         p = self.params
         r = p["r"]
         if isinstance(r, bool) or not ((isinstance(r, int) and r >= 0) or (isinstance(r, float) and 0 <= r < 1)):
-            raise ValueError(f"mctf: r must be an int >= 0 (tokens per block) or a fraction in [0, 1) of the "
+            raise ArgumentError(f"mctf: r must be an int >= 0 (tokens per block) or a fraction in [0, 1) of the "
                              f"block's patch tokens, got {r!r}")
         for k in ("tau_sim", "tau_info", "tau_size", "consistency_weight", "confidence"):
             if isinstance(p[k], bool) or not isinstance(p[k], (int, float)) or p[k] < 0:
-                raise ValueError(f"mctf: {k} must be a number >= 0, got {p[k]!r}")
+                raise ArgumentError(f"mctf: {k} must be a number >= 0, got {p[k]!r}")
         if isinstance(p["r_teacher_max"], bool) or not isinstance(p["r_teacher_max"], int) or p["r_teacher_max"] < 0:
-            raise ValueError(f"mctf: r_teacher_max must be an int >= 0, got {p['r_teacher_max']!r}")
+            raise ArgumentError(f"mctf: r_teacher_max must be an int >= 0, got {p['r_teacher_max']!r}")
         self.prop_attn = bool(p["prop_attn"])
         self.rate = Rate(r)
         self.opts = {k: p[k] for k in ("tau_sim", "tau_info", "tau_size")}
@@ -218,7 +219,7 @@ class MCTF(TokenReduction):
             for seq in self.sequences:
                 attn = getattr(seq[0], "attn", None)
                 if not callable(getattr(attn, "attention_probs", None)):
-                    raise ValueError(f"mctf: one-step-ahead attention needs blocks whose attention gives its "
+                    raise ArgumentError(f"mctf: one-step-ahead attention needs blocks whose attention gives its "
                                      f"probabilities alone (layers.Attention.attention_probs); "
                                      f"{type(seq[0]).__name__} has none. Pass one_step_ahead=False")
         self.training_loss = self.consistency_loss if p["consistency"] else None

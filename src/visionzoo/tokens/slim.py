@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError
 from visionzoo.layers import TokenBlock, init_linear
 from visionzoo.tokens.core import TokenHook, TokenReduction, TokenState, check_blocks, check_fraction
 
@@ -75,7 +76,7 @@ class TokenSlimming(TokenReduction):
         for blocks, n0 in zip(self.blocks, self.patches, strict=True):
             outs = [int(n0 * self.keep ** (s + 1)) for s in range(len(blocks))]
             if self.keep < 1 and min(outs, default=1) < 1:
-                raise ValueError(f"slim: keep={self.keep} after {len(blocks)} slimming blocks leaves no patch token "
+                raise ArgumentError(f"slim: keep={self.keep} after {len(blocks)} slimming blocks leaves no patch token "
                                  f"of {n0}; raise keep or slim at fewer blocks")
             self.out_tokens.append(dict(zip(blocks, outs, strict=True)))
 
@@ -86,7 +87,7 @@ class TokenSlimming(TokenReduction):
         if size is None and hasattr(model, "data_config"):
             size = model.data_config["input_size"][-1]
         if not isinstance(size, int) or size < 1:
-            raise ValueError(f"slim: the module's output size depends on the token count; pass img_size (the input "
+            raise ArgumentError(f"slim: the module's output size depends on the token count; pass img_size (the input "
                              f"side), got {img_size!r}")
         seen: dict[int, tuple[int, int]] = {}
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from visionzoo.errors import ArgumentError
 from visionzoo.layers import TokenBlock
 from visionzoo.tokens.core import (
     CaptureQKV,
@@ -42,15 +43,15 @@ def r_schedule(r: int | list[int] | tuple[int, float], num_blocks: int, method: 
     """Tokens to merge in each of ``num_blocks`` blocks: a constant ``r``, a list (padded with 0), or the paper's
     ``(r, inflection)`` schedule, linear from ``r * (1 - inflection)`` to ``r * (1 + inflection)``."""
     if isinstance(r, bool):
-        raise ValueError(f"{method}: r must be an int, a list of ints or an (r, inflection) pair, got {r!r}")
+        raise ArgumentError(f"{method}: r must be an int, a list of ints or an (r, inflection) pair, got {r!r}")
     if isinstance(r, int):
         if r < 0:
-            raise ValueError(f"{method}: r must be >= 0, got {r}")
+            raise ArgumentError(f"{method}: r must be >= 0, got {r}")
         return [r] * num_blocks
     if isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], (int, float)):
         r0, inflect = r
         if r0 < 0 or not -1 <= inflect <= 1:
-            raise ValueError(f"{method}: an (r, inflection) schedule needs r >= 0 and inflection in [-1, 1], "
+            raise ArgumentError(f"{method}: an (r, inflection) schedule needs r >= 0 and inflection in [-1, 1], "
                              f"got {r!r}")
         lo = int(r0 * (1 - inflect))
         hi = 2 * r0 - lo
@@ -58,9 +59,9 @@ def r_schedule(r: int | list[int] | tuple[int, float], num_blocks: int, method: 
         return [int(lo + step * i) for i in range(num_blocks)]
     if isinstance(r, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r):
         if len(r) > num_blocks:
-            raise ValueError(f"{method}: r lists {len(r)} values but the model has {num_blocks} blocks")
+            raise ArgumentError(f"{method}: r lists {len(r)} values but the model has {num_blocks} blocks")
         return list(r) + [0] * (num_blocks - len(r))
-    raise ValueError(f"{method}: r must be an int >= 0, a list of ints >= 0 (one per block) or an "
+    raise ArgumentError(f"{method}: r must be an int >= 0, a list of ints >= 0 (one per block) or an "
                      f"(r, inflection) pair, got {r!r}")
 
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionzoo.errors import ArgumentError
+
 
 def merge_labels(source: Tensor, prefix: int, grid: tuple[int, int]) -> Tensor:
     """``(H, W)`` labels of one image's patches: the final token that holds each patch, ``-1`` where it was dropped.
@@ -18,7 +20,7 @@ def merge_labels(source: Tensor, prefix: int, grid: tuple[int, int]) -> Tensor:
     """
     src = source[prefix:, prefix:]  # final patch tokens x input patch tokens
     if src.shape[-1] != grid[0] * grid[1]:
-        raise ValueError(f"merge_labels: the source covers {src.shape[-1]} patches, the grid {grid} has "
+        raise ArgumentError(f"merge_labels: the source covers {src.shape[-1]} patches, the grid {grid} has "
                          f"{grid[0] * grid[1]}")
     held = src.amax(0) > 0
     labels = torch.where(held, src.argmax(0), torch.full_like(held, -1, dtype=torch.long))
@@ -31,10 +33,10 @@ def plot_merges(model: nn.Module, image: Tensor, path: str | Path) -> Path:
     its merged patches; returns the path. Source tracking is switched on for this one pass."""
     handle = getattr(model, "token_reduction", None)
     if handle is None:
-        raise ValueError("plot_merges: apply a token reduction first (visionzoo.tokens.apply(model, 'tome', r=8))")
+        raise ArgumentError("plot_merges: apply a token reduction first (visionzoo.tokens.apply(model, 'tome', r=8))")
     x = image[None] if image.ndim == 3 else image[:1]
     if x.ndim != 4:
-        raise ValueError(f"plot_merges: image must be (C, H, W), got shape {tuple(image.shape)}")
+        raise ArgumentError(f"plot_merges: image must be (C, H, W), got shape {tuple(image.shape)}")
     was_training, traced = model.training, [s.trace_source for s in handle.states]
     try:
         for s in handle.states:
@@ -46,13 +48,13 @@ def plot_merges(model: nn.Module, image: Tensor, path: str | Path) -> Path:
         for s, t in zip(handle.states, traced, strict=True):
             s.trace_source = t
     if source is None:
-        raise ValueError(f"plot_merges: {handle.spec} keeps no patch-to-token source (a soft mix has none)")
+        raise ArgumentError(f"plot_merges: {handle.spec} keeps no patch-to-token source (a soft mix has none)")
     H, W = x.shape[-2:]
     n0 = source.shape[-1] - prefix
     gh = round(math.sqrt(n0 * H / W))
     gw = n0 // max(gh, 1)
     if gh * gw != n0:
-        raise ValueError(f"plot_merges: cannot lay {n0} patch tokens out on a {H}x{W} input")
+        raise ArgumentError(f"plot_merges: cannot lay {n0} patch tokens out on a {H}x{W} input")
     labels = merge_labels(source[0].float().cpu(), prefix, (gh, gw))
     img = _display(model, x[0].float().cpu())  # (H, W, 3) in [0, 1]
     painted = _paint(img, labels)
