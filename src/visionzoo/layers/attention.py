@@ -3,7 +3,7 @@
 ``AttentionCore`` computes ``softmax(q @ k^T * scale + bias) @ v``. By default that is one
 ``F.scaled_dot_product_attention`` call (fused, fast); a tool switches a core to the explicit path, where
 the probabilities exist as a tensor, by setting ``observer`` (attention maps) or ``fused = False``
-(quantizing the two matmuls). Masks, relative-position tables and a tool's per-key bias (``extra_bias``, e.g.
+(quantizing the two matmuls, through the optional ``q_quant``/``k_quant``/``v_quant``/``probs_quant`` hooks). Masks, relative-position tables and a tool's per-key bias (``extra_bias``, e.g.
 ToMe's log token size) all enter the same way: added to the logits.
 
 ``Attention`` is plain multi-head self-attention over tokens on top of it.
@@ -33,6 +33,10 @@ class AttentionCore(nn.Module):
         observer: called as ``observer(core, probs, grid)`` with the ``(..., N_q, N_k)`` probabilities.
         fused: ``False`` runs the explicit matmul-softmax-matmul path even without an observer.
         extra_bias: a tensor added to the logits on top of the caller's bias (broadcast to ``(..., N_q, N_k)``).
+        q_quant, k_quant, v_quant, probs_quant: ``None`` (the default) or a callable (e.g. a fake-quantizer module)
+            applied to the matmul inputs of the explicit path: ``q`` and ``k`` before ``q @ k^T``, the post-softmax
+            probabilities and ``v`` before ``probs @ v``. Setting any of them runs the explicit path. A module set here
+            becomes a submodule (its buffers join the state dict); ``None`` leaves the state dict as it was.
     """
 
     def __init__(self, prefix_tokens: int = 0) -> None:
@@ -41,26 +45,40 @@ class AttentionCore(nn.Module):
         self.fused = True
         self.observer: Observer | None = None
         self.extra_bias: Tensor | None = None
+        self.q_quant: Callable[[Tensor], Tensor] | None = None
+        self.k_quant: Callable[[Tensor], Tensor] | None = None
+        self.v_quant: Callable[[Tensor], Tensor] | None = None
+        self.probs_quant: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *, scale: float | None = None,
                 dropout_p: float = 0.0, grid: tuple[int, int] | None = None) -> Tensor:
         if self.extra_bias is not None:
             bias = self.extra_bias if bias is None else _add_bias(bias, self.extra_bias)
-        if self.fused and self.observer is None:
+        quant = not (self.q_quant is None and self.k_quant is None and self.v_quant is None
+                     and self.probs_quant is None)
+        if self.fused and self.observer is None and not quant:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if quant:
+            q, k, v = _apply(self.q_quant, q), _apply(self.k_quant, k), _apply(self.v_quant, v)
         logits = (q * scale) @ k.transpose(-2, -1)  # (..., N_q, d) @ (..., d, N_k) -> (..., N_q, N_k)
         if bias is not None:
             logits = _add_bias(logits, bias)
         probs = logits.softmax(dim=-1)
         if self.observer is not None:
             self.observer(self, probs, grid)
+        if self.probs_quant is not None:
+            probs = self.probs_quant(probs)
         if dropout_p > 0.0:
             probs = F.dropout(probs, dropout_p, training=True)
         return probs @ v  # (..., N_q, N_k) @ (..., N_k, d_v) -> (..., N_q, d_v)
 
     def extra_repr(self) -> str:
         return f"prefix_tokens={self.prefix_tokens}" if self.prefix_tokens else ""
+
+
+def _apply(fn: Callable[[Tensor], Tensor] | None, x: Tensor) -> Tensor:
+    return x if fn is None else fn(x)
 
 
 def _add_bias(logits: Tensor, bias: Tensor) -> Tensor:
