@@ -80,7 +80,11 @@ def torchao_static(model: nn.Module, calib: list[Tensor], compile: bool = True) 
     model = copy.deepcopy(model).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = torch.export.export(model, (calib[0],)).module()
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        try:  # any batch size, as the fp32 model
+            graph = torch.export.export(model, (calib[0],), dynamic_shapes=({0: batch},)).module()
+        except Exception:  # noqa: BLE001  (a family that specialises the batch: the calibration batch size only)
+            graph = torch.export.export(model, (calib[0],)).module()
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(graph, quantizer)
         for x in calib:

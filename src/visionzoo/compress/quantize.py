@@ -6,7 +6,7 @@ through the attention seam (``AttentionCore.q_quant/k_quant/v_quant/probs_quant`
 their parameter names, so the state dict reads as before plus the quantizers' buffers.
 
 Which quantizer an activation gets depends on what produced it, found generically in one calibration forward:
-a layer whose input is exactly the output tensor of a ``nn.GELU`` gets the post-GELU quantizer, one whose input
+a layer whose input is exactly the output tensor of a GELU module (``nn.GELU``, QuickGELU) gets the post-GELU quantizer, one whose input
 is a LayerNorm output may get per-channel scales (``post_norm="channel"``, the RepQ-ViT/FQ-ViT observation
 that post-LayerNorm activations vary across channels), and the probabilities get the post-softmax quantizer.
 """
@@ -226,7 +226,7 @@ def input_producers(model: nn.Module, x: Tensor, names: Iterable[str]) -> dict[s
 
     kept: list[Tensor] = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.GELU):
+        if isinstance(m, nn.GELU) or "gelu" in type(m).__name__.lower():  # nn.GELU, QuickGELU
             handles.append(m.register_forward_hook(tag_output("gelu")))
         elif isinstance(m, _NORMS) or type(m).__name__ in ("LayerNorm2d",):
             handles.append(m.register_forward_hook(tag_output("norm")))
