@@ -32,7 +32,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       deploy=args.deploy, freeze=not args.no_freeze, threads=args.threads, device=args.device,
                       mode=args.mode, repeats=args.repeats, budget=args.budget, subprocess=not args.in_process,
                       omp_wait_policy=args.omp_wait_policy, malloc_policy=args.malloc,
-                      compare_timm=args.compare_timm, roofline=args.roofline, timeout=args.timeout)
+                      compare_timm=args.compare_timm, roofline=args.roofline, timeout=args.timeout, quant=args.quant)
     names, _ = resolve_models(args.pattern)
     con = _console()
     if not args.pattern:
@@ -436,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile (optionally a mode, e.g. max-autotune); compile time reported apart")
     s.add_argument("--fuse", action="store_true", help="model.fuse(): deploy re-parameterisation")
     s.add_argument("--deploy", action="store_true", help="the deploy path: --fuse --channels-last --compile")
+    s.add_argument("--quant", choices=("int8-static", "int8-dynamic"), default=None,
+                   help="real int8 (torchao, compiled): PT2E static convs+linears, or dynamic int8 linears; "
+                        "pip install torchao")
     s.add_argument("--no-freeze", action="store_true",
                    help="compiled inference without inductor freezing (default: frozen weights, prepacked)")
     s.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")

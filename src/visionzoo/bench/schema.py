@@ -41,6 +41,7 @@ class BenchConfig:
     roofline: bool = False
     num_classes: int = 1000
     timeout: float | None = None  # seconds per model in the child process; None = no limit
+    quant: str | None = None  # real int8 inference: "int8-static" or "int8-dynamic" (torchao, compiled)
 
     def resolved(self, lineup: bool = False) -> BenchConfig:
         """Fill the defaults left as ``None`` (``lineup``: the quicker ones of the default line-up) and expand
@@ -72,6 +73,14 @@ class BenchConfig:
             raise ValueError(f"bench: threads must be >= 1, got {self.threads}")
         if self.img_size is not None and self.img_size < 1:
             raise ValueError(f"bench: img_size must be positive, got {self.img_size}")
+        if self.quant is not None:
+            from visionzoo.compress.int8 import BENCH_MODES
+
+            if self.quant not in BENCH_MODES:
+                raise ValueError(f"bench: quant must be one of {BENCH_MODES}, got {self.quant!r}")
+            if self.mode != "infer" or self.dtype != "fp32" or self.device != "cpu":
+                raise ValueError(f"bench: --quant {self.quant} measures CPU fp32-input inference only; drop --mode "
+                                 f"{self.mode}, --dtype {self.dtype} or --device {self.device}")
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("bench: device 'cuda' was asked for but torch.cuda.is_available() is False")
@@ -134,6 +143,7 @@ class BenchResult:
     channels_last: bool = False
     fused: bool = False
     compile: str = ""
+    quant: str = ""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BenchResult:
