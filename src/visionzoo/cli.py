@@ -524,7 +524,8 @@ def add_compress_command(sub) -> None:  # noqa: ANN001
     s.add_argument("--fuse", action="store_true", help="model.fuse(): the deploy re-parameterisation")
     s.add_argument("--quant", action="append", default=[], metavar="SCHEME",
                    help=f"repeatable or comma-separated: {', '.join(QUANT_CHOICES)} (any wXaY[-log2|-logsqrt2|"
-                        f"-adalog|-twin] with 2-8 bits is simulated; int8-* are real: torchao, ort-int8-*: onnxruntime)")
+                        f"-adalog|-twin] with 2-8 bits is simulated; int8-* are real: torchao; ort-int8-*: "
+                        f"onnxruntime)")
     s.add_argument("--calib", default="digits",
                    help="calibration and evaluation data: digits, fashion-mnist, folder:PATH or hf:NAME")
     s.add_argument("--calib-n", type=int, default=32, help="calibration images")

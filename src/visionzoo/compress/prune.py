@@ -3,9 +3,9 @@
 Our own engine finds what can be removed from one forward pass of any family, with no per-family code:
 
 - **channel groups**: a conv or linear whose output tensor flows, through modules only (parameter-free
-  shape-preserving ones such as activations and dropout, BatchNorm, depthwise convs), into exactly one other conv or linear: an MLP's hidden width, a bottleneck's inner
-  channels. Its output rows, the BatchNorm/depthwise channels on the way and the consumer's input columns go
-  together.
+  shape-preserving ones such as activations and dropout, BatchNorm, depthwise convs), into exactly one other conv
+  or linear: an MLP's hidden width, a bottleneck's inner channels. Its output rows, the BatchNorm/depthwise
+  channels on the way and the consumer's input columns go together.
 - **head groups**: every ``AttentionCore`` (the attention seam) whose owner has ``num_heads``. Which output channels
   of which conv/linear become head ``j`` of q, k and v, and which input channels of which conv/linear read head
   ``j`` of the output, are found by probing: the tool replaces a layer's output by its channel indices and reads
@@ -295,7 +295,9 @@ def _unit_score(model: nn.Module, g: PruneGroup, grads: bool) -> Tensor:
 
     def term(w: Tensor) -> Tensor:
         if grads:
-            return (w.detach() * w.grad).abs().double() if w.grad is not None else torch.zeros_like(w, dtype=torch.double)
+            if w.grad is None:
+                return torch.zeros_like(w, dtype=torch.double)
+            return (w.detach() * w.grad).abs().double()
         return w.detach().double().pow(2)
 
     for names, dim_of in ((g.producers, lambda m: 0), (g.consumers, lambda m: 1)):
@@ -416,9 +418,10 @@ class PruneResult:
     engine: str = "visionzoo"
 
 
-def prune(model: nn.Module, ratio: float, *, importance: str = "magnitude", calib: Tensor | Iterable[Tensor] | None = None,
-          labels: Iterable[Tensor] | None = None, heads: bool = True, channels: bool = True, engine: str = "visionzoo",
-          example: Tensor | None = None, inplace: bool = False, check: bool = True) -> nn.Module:
+def prune(model: nn.Module, ratio: float, *, importance: str = "magnitude",
+          calib: Tensor | Iterable[Tensor] | None = None, labels: Iterable[Tensor] | None = None, heads: bool = True,
+          channels: bool = True, engine: str = "visionzoo", example: Tensor | None = None, inplace: bool = False,
+          check: bool = True) -> nn.Module:
     """A structurally pruned copy of ``model``: ``ratio`` of every prunable group's units removed (at least one kept).
 
     ``importance``: ``magnitude`` or ``taylor`` (needs ``calib`` images; ``labels`` or the model's own predictions).
@@ -492,8 +495,8 @@ def _checked(model: nn.Module, plan: list, x: Tensor, result: PruneResult) -> li
         if ok([(g, d)]):
             good.append((g, d))
         else:
-            result.skipped[g.name] = ("the pruned model fails or differs from the model with those channels zeroed: the family uses "
-                                     "these channels elsewhere (e.g. a reshape to the input width)")
+            result.skipped[g.name] = ("the pruned model fails or differs from the model with those channels zeroed: "
+                                      "the family uses these channels elsewhere (e.g. a reshape to the input width)")
     return good + [(g, d) for g, d in plan if not d]
 
 

@@ -6,9 +6,10 @@ through the attention seam (``AttentionCore.q_quant/k_quant/v_quant/probs_quant`
 their parameter names, so the state dict reads as before plus the quantizers' buffers.
 
 Which quantizer an activation gets depends on what produced it, found generically in one calibration forward:
-a layer whose input is exactly the output tensor of a GELU module (``nn.GELU``, QuickGELU) gets the post-GELU quantizer, one whose input
-is a LayerNorm output may get per-channel scales (``post_norm="channel"``, the RepQ-ViT/FQ-ViT observation
-that post-LayerNorm activations vary across channels), and the probabilities get the post-softmax quantizer.
+a layer whose input is exactly the output tensor of a GELU module (``nn.GELU``, QuickGELU) gets the post-GELU
+quantizer, one whose input is a LayerNorm output may get per-channel scales (``post_norm="channel"``, the
+RepQ-ViT/FQ-ViT observation that post-LayerNorm activations vary across channels), and the probabilities get
+the post-softmax quantizer.
 """
 from __future__ import annotations
 

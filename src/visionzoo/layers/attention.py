@@ -3,8 +3,9 @@
 ``AttentionCore`` computes ``softmax(q @ k^T * scale + bias) @ v``. By default that is one
 ``F.scaled_dot_product_attention`` call (fused, fast); a tool switches a core to the explicit path, where
 the probabilities exist as a tensor, by setting ``observer`` (attention maps) or ``fused = False``
-(quantizing the two matmuls, through the optional ``q_quant``/``k_quant``/``v_quant``/``probs_quant`` hooks). Masks, relative-position tables and a tool's per-key bias (``extra_bias``, e.g.
-ToMe's log token size) all enter the same way: added to the logits.
+(quantizing the two matmuls, through the optional ``q_quant``/``k_quant``/``v_quant``/``probs_quant`` hooks).
+Masks, relative-position tables and a tool's per-key bias (``extra_bias``, e.g. ToMe's log token size) all enter
+the same way: added to the logits.
 
 ``Attention`` is plain multi-head self-attention over tokens on top of it.
 """
