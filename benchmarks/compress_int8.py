@@ -21,7 +21,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import visionzoo  # noqa: E402
-from visionzoo.compress import int8 as q8  # noqa: E402
+from visionzoo.compress.int8 import (  # noqa: E402
+    _compile,
+    export_fp32,
+    ort_dynamic,
+    ort_runner,
+    ort_static,
+    torchao_dynamic,
+    torchao_static,
+)
 from visionzoo.compress.quantizers import sqnr_db  # noqa: E402
 from visionzoo.compress.report import agreement, predict, time_interleaved  # noqa: E402
 
@@ -36,12 +44,12 @@ def cpu_name() -> str:
 def _builders(model: torch.nn.Module, calib: list[torch.Tensor], work: str, fp32_path: str) -> dict:
     return {
         "fp32 eager": lambda: model,
-        "fp32 compiled": lambda: q8._compile(copy.deepcopy(model)),
-        "torchao int8 static": lambda: q8.torchao_static(model, calib).run,
-        "torchao int8 dynamic": lambda: q8.torchao_dynamic(model).run,
-        "onnxruntime fp32": lambda: q8.ort_runner(fp32_path),
-        "onnxruntime int8 dynamic": lambda: q8.ort_dynamic(model, work, fp32_path).run,
-        "onnxruntime int8 static": lambda: q8.ort_static(model, calib, work, fp32_path).run,
+        "fp32 compiled": lambda: _compile(copy.deepcopy(model)),
+        "torchao int8 static": lambda: torchao_static(model, calib).run,
+        "torchao int8 dynamic": lambda: torchao_dynamic(model).run,
+        "onnxruntime fp32": lambda: ort_runner(fp32_path),
+        "onnxruntime int8 dynamic": lambda: ort_dynamic(model, work, fp32_path).run,
+        "onnxruntime int8 static": lambda: ort_static(model, calib, work, fp32_path).run,
     }
 
 
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         x_eval = torch.randn(args.eval_n, 3, size, size, generator=g)
         work = tempfile.mkdtemp(prefix=f"int8-{name}-")
         t0 = time.time()
-        fp32_path = q8.export_fp32(model, os.path.join(work, "model.fp32.onnx"))
+        fp32_path = export_fp32(model, os.path.join(work, "model.fp32.onnx"))
         builders = _builders(model, calib, work, fp32_path)
         runs, notes = {}, {}
         for row, build in builders.items():
