@@ -2,7 +2,7 @@
 residual stream (embedding widths) included, as its ViT example does (``examples/transformers/prune_timm_vit.py``:
 ``MetaPruner`` with ``num_heads``, head dims pruned, head count kept, the classifier ignored).
 
-Heads are handed to it from the attention seam: our own head probe (``prune._head_group``) names the layer that
+Heads are handed to it from the attention seam: our own head probe (``groups._head_group``) names the layer that
 produces q, k and v of each ``AttentionCore``; after pruning, the owner's ``num_heads`` and ``head_dim`` follow the
 new widths. Families whose graph Torch-Pruning cannot follow raise with the reason (use ``engine="visionzoo"``).
 """
@@ -24,7 +24,8 @@ def prune_with_torch_pruning(model: nn.Module, ratio: float, importance: str, ba
     except ImportError as e:
         raise BackendUnavailable("engine='torch-pruning' needs Torch-Pruning: pip install 'visionzoo[prune]' "
                                  "(or pip install torch-pruning)") from e
-    from visionzoo.compress.prune import PruneResult, _head_group, _taylor_grads
+    from visionzoo.compress.groups import _head_group
+    from visionzoo.compress.prune import PruneResult, _taylor_grads
 
     mods = dict(model.named_modules())
     num_heads, owners = {}, []
