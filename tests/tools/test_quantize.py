@@ -280,3 +280,14 @@ def test_bench_quant_is_validated():
         BenchConfig(quant="int8-dynamic", mode="train").validate()
     assert BenchConfig(quant="int8-static").validate().quant == "int8-static"
 
+
+
+@pytest.mark.slow
+def test_bench_quant_rows():
+    pytest.importorskip("torchao", reason="torchao is an optional extra")
+    from visionzoo.bench import BenchConfig, run
+
+    rows = run(["vit_test"], BenchConfig(quant="int8-dynamic", subprocess=False, batch_sizes=(2,), img_size=64,
+                                         budget=0.05, repeats=1, threads=1))
+    assert [r.quant for r in rows] == ["int8-dynamic"] and rows[0].status != "error", rows[0].error
+    assert rows[0].infer_samples_per_sec > 0
