@@ -1,5 +1,5 @@
-"""``visionzoo bench | list | info | convert | export | train | eval | compare | explain | robust``: parse arguments,
-call the package."""
+"""``visionzoo bench | list | info | convert | export | compress | train | eval | compare | explain | robust``:
+parse arguments, call the package."""
 from __future__ import annotations
 
 import argparse
@@ -34,7 +34,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       device=args.device, mode=args.mode, repeats=args.repeats, budget=args.budget,
                       subprocess=not args.in_process, omp_wait_policy=args.omp_wait_policy, malloc_policy=args.malloc,
                       compare_timm=args.compare_timm, roofline=args.roofline, timeout=args.timeout,
-                      candidates=args.candidates and tuple(args.candidates), tokens=args.tokens)
+                      candidates=args.candidates and tuple(args.candidates), tokens=args.tokens, quant=args.quant)
     names, _ = resolve_models(args.pattern)
     con = _console()
     backend = copy.deepcopy(cfg).resolved().backend
@@ -181,6 +181,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     out = convert(args.src, args.dst, args.model)
     print(f"wrote {out} ({args.model}, visionzoo format)")
+    return 0
+
+
+def _friendly_import(fn):  # noqa: ANN001, ANN202
+    """A missing optional package ends with one line (as the train commands do)."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except ImportError as e:
+            print(f"visionzoo {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_friendly_import
+def cmd_compress(args: argparse.Namespace) -> int:
+    from visionzoo.compress.pipeline import compress
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quant = [q for item in args.quant for q in item.split(",") if q]
+    report = compress(args.model, out_dir=args.out, prune=args.prune, prune_importance=args.importance,
+                      prune_engine=args.engine, sparse_2_4=args.sparse_2_4, fuse=args.fuse, quant=quant,
+                      calib=args.calib, calib_n=args.calib_n, eval_n=args.eval_n, data_dir=args.data_dir,
+                      img_size=args.img_size, batch_size=args.batch_size, budget=args.budget,
+                      progress=lambda s: print(s, flush=True))
+    print(report.markdown())
+    print("wrote " + ", ".join(report.files.values()))
     return 0
 
 
@@ -785,6 +813,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the backends --backend auto tries (default: all; inductor compiles for minutes per model)")
     s.add_argument("--deploy", action="store_true",
                    help="--backend auto: each model on visionzoo.deploy's fastest backend for this CPU (cached)")
+    s.add_argument("--quant", choices=("int8-static", "int8-dynamic"), default=None,
+                   help="real int8 (torchao, compiled): PT2E static convs+linears, or dynamic int8 linears; "
+                        "pip install torchao")
     s.add_argument("--no-freeze", action="store_true",
                    help="compiled inference without inductor freezing (default: frozen weights, prepacked)")
     s.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
@@ -850,9 +881,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to time eager and the exported model each (0: skip timing)")
     s.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     s.set_defaults(func=cmd_export)
+    add_compress_command(sub)
     add_train_commands(sub)
     add_explain_commands(sub)
     return p
+
+
+def _ratio(value: str) -> float:
+    try:
+        r = float(value)
+    except ValueError:
+        r = -1.0
+    if not 0.0 <= r < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a ratio in [0, 1), got {value!r}")
+    return r
+
+
+def add_compress_command(sub) -> None:  # noqa: ANN001
+    from visionzoo.compress.pipeline import QUANT_CHOICES
+
+    s = sub.add_parser("compress", help="prune, fuse and quantize (simulated or real int8); a checkpoint and a report")
+    s.add_argument("model", help="registered model name (random weights) or a checkpoint (visionzoo train's files)")
+    s.add_argument("--prune", type=_ratio, default=None, metavar="RATIO",
+                   help="remove this fraction of heads, MLP widths and inner channels (structured)")
+    s.add_argument("--importance", choices=("magnitude", "taylor"), default="magnitude", help="pruning importance")
+    s.add_argument("--engine", choices=("visionzoo", "torch-pruning"), default="visionzoo",
+                   help="pruning engine (torch-pruning also prunes embedding widths; pip install torch-pruning)")
+    s.add_argument("--sparse-2-4", action="store_true", help="2:4 semi-structured weight sparsity (simulated)")
+    s.add_argument("--fuse", action="store_true", help="model.fuse(): the deploy re-parameterisation")
+    s.add_argument("--quant", action="append", default=[], metavar="SCHEME",
+                   help=f"repeatable or comma-separated: {', '.join(QUANT_CHOICES)} (any wXaY[-log2|-logsqrt2|"
+                        f"-adalog|-twin] with 2-8 bits is simulated; int8-* are real: torchao; ort-int8-*: "
+                        f"onnxruntime)")
+    s.add_argument("--calib", default="digits",
+                   help="calibration and evaluation data: digits, fashion-mnist, folder:PATH or hf:NAME")
+    s.add_argument("--calib-n", type=int, default=32, help="calibration images")
+    s.add_argument("--eval-n", type=int, default=256, help="evaluation images for top-1 and agreement")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--img-size", type=int, default=None)
+    s.add_argument("--batch-size", "-b", type=int, default=16)
+    s.add_argument("--budget", type=float, default=1.0, help="seconds of interleaved timing per row (0: no timing)")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--out", required=True, help="folder for model.safetensors, int8 files, report.md/json/png")
+    s.set_defaults(func=cmd_compress)
 
 
 def _batch_arg(value: str) -> str:

@@ -308,7 +308,8 @@ def _few(items: list[str]) -> str:
 
 
 def load_model(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
-    """Rebuild a model from a file in our format alone (its variant name and args are in the file)."""
+    """Rebuild a model from a file in our format alone (its variant name and args are in the file; a pruned model's
+    widths too, see ``visionzoo.compress.structure``)."""
     from visionzoo.registry import create_model
 
     state, meta = read(path)
@@ -319,6 +320,11 @@ def load_model(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     args.update(kwargs)
     model = create_model(meta["variant"], **args)
+    if meta.get("structure"):  # a pruned model: reshape the fresh build to the saved widths first
+        from visionzoo.compress.structure import apply_structure
+
+        record = meta["structure"]
+        apply_structure(model, json.loads(record) if isinstance(record, str) else record)
     load_checkpoint(model, state)
     return model
 

@@ -54,6 +54,7 @@ class BenchConfig:
     num_classes: int = 1000
     timeout: float | None = None  # seconds per model in the child process; None = no limit
     tokens: str | None = None  # token reduction applied to each model, "method:key=value,..." (visionzoo.tokens)
+    quant: str | None = None  # real int8 inference: "int8-static" or "int8-dynamic" (torchao, compiled)
 
     def resolved(self, lineup: bool = False) -> BenchConfig:
         """Fill the defaults left as ``None`` (``lineup``: the quicker ones of the default line-up) and expand
@@ -111,6 +112,14 @@ class BenchConfig:
             parse_spec(self.tokens)  # a clear error for a mistyped method, before any model is built
         if self.img_size is not None and self.img_size < 1:
             raise ArgumentError(f"bench: img_size must be positive, got {self.img_size}")
+        if self.quant is not None:
+            from visionzoo.compress.int8 import BENCH_MODES
+
+            if self.quant not in BENCH_MODES:
+                raise ArgumentError(f"bench: quant must be one of {BENCH_MODES}, got {self.quant!r}")
+            if self.mode != "infer" or self.dtype != "fp32" or self.device != "cpu":
+                raise ArgumentError(f"bench: --quant {self.quant} measures CPU fp32-input inference only; drop --mode "
+                                 f"{self.mode}, --dtype {self.dtype} or --device {self.device}")
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ArgumentError("bench: device 'cuda' was asked for but torch.cuda.is_available() is False")
@@ -181,6 +190,7 @@ class BenchResult:
     cpu: str = ""
     cpu_flags: str = ""  # space-separated, as /proc/cpuinfo
     tokens: str = ""  # the token reduction measured ("tome:r=13"), empty for the model as built
+    quant: str = ""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BenchResult:

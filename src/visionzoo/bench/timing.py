@@ -7,7 +7,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -268,7 +268,7 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
                   malloc_policy=malloc_label(),  # read from this (measuring) process's environment
                   channels_last=cfg.channels_last, fused=cfg.fuse, compile=cfg.compile or "",
                   backend=cfg.backend if cfg.mode != "train" else "eager", cpu=cpu_name,
-                  cpu_flags=" ".join(cpu_flags), tokens=cfg.tokens or "")
+                  cpu_flags=" ".join(cpu_flags), tokens=cfg.tokens or "", quant=cfg.quant or "")
     try:
         v = get_variant(name)
     except ValueError as e:
@@ -316,7 +316,13 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
         if cfg.compile:
             _set_freezing(cfg.freeze and mode == "infer")
         try:
-            if mode == "infer":
+            if mode == "infer" and cfg.quant:  # real int8 (torchao): it compiles the quantized graph itself
+                from visionzoo.compress.int8 import for_bench
+
+                model = _prepare(base, replace(cfg, compile=None), device, cfg.fuse)
+                model = for_bench(model, cfg.quant, torch.randn(max(cfg.batch_sizes), base.in_chans, img, img))
+                ref = None
+            elif mode == "infer":
                 model = _prepare(copy.deepcopy(base) if "train" in modes else base, cfg, device,
                                  cfg.fuse and not via_deploy)
                 ref = None if timm_model is None else _prepare(timm_model, cfg, device, fuse=False)
@@ -324,7 +330,7 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
                 model = _prepare(base.train(), cfg, device, fuse=False)  # fuse is a deploy transform
                 ref = None
         except Exception as e:  # noqa: BLE001
-            what = "fuse" if cfg.fuse and mode == "infer" else "prepare"
+            what = f"--quant {cfg.quant}" if cfg.quant else "fuse" if cfg.fuse and mode == "infer" else "prepare"
             add(BenchResult(status="error", error=f"{mode}: {what} failed: {one_line(e)}", **common))
             continue
         backends = _Backends(model, ref, cfg) if via_deploy else None

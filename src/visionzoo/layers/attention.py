@@ -3,9 +3,10 @@
 ``AttentionCore`` computes ``softmax(q @ k^T * scale + bias) @ v``. By default that is one
 ``F.scaled_dot_product_attention`` call (fused, fast); a tool switches a core to the explicit path, where
 the probabilities exist as a tensor, by setting ``observer`` (attention maps) or ``fused = False``
-(quantizing the two matmuls). Masks, relative-position tables and a tool's per-key bias (``extra_bias``, e.g.
-ToMe's log token size) all enter the same way: added to the logits. ``qkv_observer`` shows a tool the queries,
-keys and values of a call (ToMe's matching metric, EViT's class attention) without leaving the fused path.
+(quantizing the two matmuls, through the optional ``q_quant``/``k_quant``/``v_quant``/``probs_quant`` hooks).
+Masks, relative-position tables and a tool's per-key bias (``extra_bias``, e.g. ToMe's log token size) all enter
+the same way: added to the logits. ``qkv_observer`` shows a tool the queries, keys and values of a call (ToMe's
+matching metric, EViT's class attention) without leaving the fused path.
 
 ``Attention`` is plain multi-head self-attention over tokens on top of it. Besides ``forward`` it can give the
 probabilities alone from queries and keys (``attention_probs``) and let a caller turn its values into the output
@@ -52,6 +53,10 @@ class AttentionCore(nn.Module):
             tokens strided over the whole map (MaxViT grid attention, CrossFormer's long-distance groups).
         shift: ``(dy, dx)``, the cyclic shift the map was rolled by (``-shift``) before partitioning (Swin's
             shifted windows).
+        q_quant, k_quant, v_quant, probs_quant: ``None`` (the default) or a callable (e.g. a fake-quantizer module)
+            applied to the matmul inputs of the explicit path: ``q`` and ``k`` before ``q @ k^T``, the post-softmax
+            probabilities and ``v`` before ``probs @ v``. Setting any of them runs the explicit path. A module set here
+            becomes a submodule (its buffers join the state dict); ``None`` leaves the state dict as it was.
     """
 
     def __init__(self, prefix_tokens: int = 0) -> None:
@@ -64,6 +69,11 @@ class AttentionCore(nn.Module):
         self.partition = "block"
         self.shift: tuple[int, int] = (0, 0)
         self.qkv_observer: QKVObserver | None = None
+
+        self.q_quant: Callable[[Tensor], Tensor] | None = None
+        self.k_quant: Callable[[Tensor], Tensor] | None = None
+        self.v_quant: Callable[[Tensor], Tensor] | None = None
+        self.probs_quant: Callable[[Tensor], Tensor] | None = None
 
     def full_bias(self, bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         """The caller's ``bias`` combined with ``extra_bias`` (a float bias in ``dtype``), as the logits get it."""
@@ -95,7 +105,9 @@ class AttentionCore(nn.Module):
         bias = self.full_bias(bias, q.dtype)
         if self.qkv_observer is not None:
             self.qkv_observer(self, q, k, v, bias, q.shape[-1] ** -0.5 if scale is None else scale)
-        if self.fused and self.observer is None:
+        quant = not (self.q_quant is None and self.k_quant is None and self.v_quant is None
+                     and self.probs_quant is None)
+        if self.fused and self.observer is None and not quant:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
             if bias is not None and is_tracing():
                 # NOTE: on CPU, SDPA's output layout depends on the kernel it picks, and that depends on whether the
@@ -104,9 +116,13 @@ class AttentionCore(nn.Module):
                 # One copy in traced graphs makes the layout the same for every kernel; eager is unchanged.
                 out = out.clone(memory_format=torch.contiguous_format)
             return out if self.head_mask is None else self._mask_heads(out)
+        if quant:
+            q, k, v = _apply(self.q_quant, q), _apply(self.k_quant, k), _apply(self.v_quant, v)
         probs = self._probs(q, k, bias, q.shape[-1] ** -0.5 if scale is None else scale)
         if self.observer is not None:
             self.observer(self, probs, grid)
+        if self.probs_quant is not None:
+            probs = self.probs_quant(probs)
         if dropout_p > 0.0:
             probs = F.dropout(probs, dropout_p, training=True)
         out = probs @ v  # (..., N_q, N_k) @ (..., N_k, d_v) -> (..., N_q, d_v)
@@ -122,6 +138,10 @@ class AttentionCore(nn.Module):
 
     def extra_repr(self) -> str:
         return f"prefix_tokens={self.prefix_tokens}" if self.prefix_tokens else ""
+
+
+def _apply(fn: Callable[[Tensor], Tensor] | None, x: Tensor) -> Tensor:
+    return x if fn is None else fn(x)
 
 
 def _add_bias(logits: Tensor, bias: Tensor) -> Tensor:
