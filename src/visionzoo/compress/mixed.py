@@ -91,7 +91,8 @@ def allocate_bits(sensitivity: dict[str, dict[int, float]], params: dict[str, in
     if not cands:
         raise ArgumentError("allocate_bits: no sensitivity was measured")
     if not cands[0] <= budget <= cands[-1]:
-        raise ArgumentError(f"bit budget must be between {cands[0]} and {cands[-1]} (the candidate widths), got {budget}")
+        raise ArgumentError(f"bit budget must be between {cands[0]} and {cands[-1]} (the candidate widths), "
+                            f"got {budget}")
     bits = {n: cands[-1] for n in sensitivity}
     total = sum(params[n] for n in bits) or 1
 

@@ -283,7 +283,8 @@ def quantize(model: nn.Module, scheme: str | QuantConfig, calib: Tensor | Iterab
     targets = quantizable(model)
     cores = {n: m for n, m in model.named_modules() if isinstance(m, AttentionCore)}
     if not targets and not cores:
-        raise ArgumentError(f"{getattr(model, 'name', type(model).__name__)} has no conv, linear or attention to quantize")
+        name = getattr(model, "name", type(model).__name__)
+        raise ArgumentError(f"{name} has no conv, linear or attention to quantize")
     producers = input_producers(model, batches[0][:1], targets)
     edges = _edge_names(model)
     for name, m in targets.items():
