@@ -12,13 +12,15 @@ from .norm import FrozenBatchNorm2d, LayerNorm, LayerNorm2d, get_norm
 from .patch_embed import PatchEmbed, to_2tuple
 from .pos_embed import resample_abs_pos_embed
 from .sr_attention import SpatialReductionAttention
+from .stage import DownsampleStage
 from .token_block import TokenBlock
 from .tracing import is_tracing, trace_leaf
 from .wavelet import HaarDWT, haar_dwt2d
 from .window import window_partition, window_reverse
 
 __all__ = [
-    "Attention", "AttentionCore", "ClassifierHead", "ConvMlp", "DropPath", "FrozenBatchNorm2d", "HaarDWT",
+    "Attention", "AttentionCore", "ClassifierHead", "ConvMlp", "DownsampleStage", "DropPath", "FrozenBatchNorm2d",
+    "HaarDWT",
     "LastStageClassTokenMixin", "LayerNorm", "LayerNorm2d", "LayerType", "MapTokenBlock", "Mlp", "PatchEmbed",
     "SpatialReductionAttention", "TokenBlock", "drop_path", "drop_path_rates", "fold_bn", "fold_bn_into_conv",
     "fold_conv_bn_children", "fuse_conv_bn_pairs", "get_act", "get_norm", "haar_dwt2d", "init_linear",

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from visionzoo.backbone import Backbone, FeatureInfo
 from visionzoo.layers import (
     ConvMlp,
+    DownsampleStage,
     DropPath,
     LayerNorm,
     LayerNorm2d,
@@ -81,22 +82,14 @@ class ConvNeXtBlock(nn.Module):
         return out.view(B, H, W, C).permute(0, 3, 1, 2)  # (B*H*W, C) -> (B, C, H, W), channels-last strides
 
 
-class ConvNeXtStage(nn.Module):
+class ConvNeXtStage(DownsampleStage):
     """Optional downsample (LayerNorm, 2x2 stride-2 conv), then ``depth`` ConvNeXtBlocks."""
 
     def __init__(self, in_dim: int, out_dim: int, depth: int, stride: int = 2, drop_path: list[float] | None = None,
                  **block_args) -> None:
-        super().__init__()
-        if stride > 1 or in_dim != out_dim:
-            self.downsample = nn.Sequential(LayerNorm2d(in_dim), nn.Conv2d(in_dim, out_dim, stride, stride=stride))
-        else:
-            self.downsample = nn.Identity()
         drop_path = drop_path or [0.0] * depth
-        self.blocks = nn.Sequential(*[ConvNeXtBlock(out_dim, drop_path=drop_path[i], **block_args)
-                                      for i in range(depth)])
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.downsample(x))
+        super().__init__(in_dim, out_dim, depth, lambda i: ConvNeXtBlock(out_dim, drop_path=drop_path[i], **block_args),
+                         stride)
 
 
 class ConvNeXt(Backbone):

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo
 from visionzoo.layers import (
+    DownsampleStage,
     DropPath,
     LayerNorm,
     LayerNorm2d,
@@ -196,22 +197,14 @@ class HorNetBlock(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))  # (B, H, W, C) -> (B, C, H, W)
 
 
-class HorNetStage(nn.Module):
+class HorNetStage(DownsampleStage):
     """Optional downsample (LayerNorm, 2x2 stride-2 conv), then ``depth`` HorNetBlocks."""
 
     def __init__(self, in_dim: int, out_dim: int, depth: int, stride: int = 2, drop_path: list[float] | None = None,
                  **block_args) -> None:
-        super().__init__()
-        if stride > 1 or in_dim != out_dim:
-            self.downsample = nn.Sequential(LayerNorm2d(in_dim), nn.Conv2d(in_dim, out_dim, stride, stride=stride))
-        else:
-            self.downsample = nn.Identity()
         drop_path = drop_path or [0.0] * depth
-        self.blocks = nn.Sequential(*[HorNetBlock(out_dim, drop_path=drop_path[j], **block_args)
-                                      for j in range(depth)])
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.downsample(x))
+        super().__init__(in_dim, out_dim, depth, lambda i: HorNetBlock(out_dim, drop_path=drop_path[i], **block_args),
+                         stride)
 
 
 class HorNet(Backbone):
