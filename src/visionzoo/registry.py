@@ -77,6 +77,7 @@ class Family:
     paper: str
     kind: str
     variants: tuple[str, ...]
+    code: str | None = ""
 
 
 _VARIANTS: dict[str, Variant] = {}
@@ -84,21 +85,27 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(cls: type[nn.Module], variants: dict[str, Variant], *, paper: str, kind: str,
-                    family: str | None = None) -> None:
+                    family: str | None = None, code: str | None = "") -> None:
     """Register every row of a family's variant table under its name.
 
-    ``family`` defaults to the module's short name (``visionzoo.models.convnext`` -> ``convnext``).
+    ``family`` defaults to the module's short name (``visionzoo.models.convnext`` -> ``convnext``). ``code`` names
+    the reference implementation the family follows (a parity fixture in ``tests/fixtures`` is then required);
+    ``None`` declares that no official code exists, so the family is built from the paper's text and its
+    numbers are the paper's (the variant ``notes`` say which section each choice comes from).
     """
     family = family or cls.__module__.rsplit(".", 1)[-1]
     if kind not in KINDS:
         raise ValueError(f"register_family({family}): kind must be one of {KINDS}, got {kind!r}")
+    if code is None and not all(v.notes for v in variants.values()):
+        raise ValueError(f"register_family({family}): a family built from the paper (code=None) says in every "
+                         f"variant's notes where its structure comes from")
     if family in _FAMILIES:
         raise ValueError(f"family {family!r} is registered twice")
     for name, v in variants.items():
         if name in _VARIANTS:
             raise ValueError(f"model {name!r} is registered twice ({_VARIANTS[name].family} and {family})")
         _VARIANTS[name] = replace(v, name=name, family=family, cls=cls, kind=kind)
-    _FAMILIES[family] = Family(family, cls, paper, kind, tuple(variants))
+    _FAMILIES[family] = Family(family, cls, paper, kind, tuple(variants), code)
 
 
 def _ensure_loaded() -> None:
