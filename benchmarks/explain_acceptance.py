@@ -102,6 +102,8 @@ def evaluate(out: Path, args: argparse.Namespace) -> None:
         runs = [(m, None) for m in applicable_methods(model)]
         if model.kind == "convnet":  # the stride-16 and stride-8 stages (the ViT's token grid is stride 8)
             runs += [("gradcam", 2), ("gradcam", 1), ("layercam", 1)]
+        else:  # the residual stream before the last block: what the default used to be (no better than random)
+            runs += [("gradcam", len(model.stage_info) - 2)]
         maps = {}
         t0 = time.perf_counter()
         for method, stage in runs:
@@ -125,12 +127,18 @@ def evaluate(out: Path, args: argparse.Namespace) -> None:
                               insertion_auc=auc.insertion.mean().item()))
         print(f"  random ranking: deletion AUC {auc.deletion.mean():.3f}, insertion AUC {auc.insertion.mean():.3f}",
               flush=True)
-        stage = -1 if model.kind == "vit" else 1  # both stride 8: an 8x8 grid
-        tc = tokencut(model, x, stage=stage)
-        corloc = 100 * (box_iou(tc.boxes, data.boxes) >= 0.5).float().mean().item()
-        notes.append(f"{name}: TokenCut CorLoc (IoU >= 0.5) {corloc:.1f}% on the features of stage {tc.stage} "
-                     f"({model.stage_info[tc.stage].module})")
-        print("  " + notes[-1], flush=True)
+        for stage in range(len(model.stage_info)):  # keys where a stage attends globally, and the stage's map
+            done = set()
+            for features in ("auto", "stage"):
+                tc = tokencut(model, x, stage=stage, features=features)
+                if tc.features in done:
+                    continue
+                done.add(tc.features)
+                corloc = 100 * (box_iou(tc.boxes, data.boxes) >= 0.5).float().mean().item()
+                what = "keys of the last attention" if tc.features == "keys" else "map"
+                notes.append(f"{name}: TokenCut CorLoc (IoU >= 0.5) {corloc:.1f}% on the {what} of stage {stage} "
+                             f"({model.stage_info[stage].module})")
+                print("  " + notes[-1], flush=True)
         for i in range(2):
             plot_grid(x01[i], {k: v[i] for k, v in maps.items()}, out / f"{name}_methods_{i}.png",
                       f"{name}: class {data.classes[y[i]]}", box=data.boxes[i].tolist())

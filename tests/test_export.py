@@ -1,11 +1,14 @@
 """Every ``*_test`` variant traces and exports: torch.export (static and dynamic batch), FX, compile with
 fullgraph, and ONNX (static and dynamic batch) run by onnxruntime; each checked against eager to 1e-4.
 
-The paths run once per model in two worker processes (``visionzoo.export.matrix.run_many``, the code behind
-docs/export.md), and each (model, path) pair is one test. Compile uses dynamo's eager backend here (one graph,
-fullgraph); inductor runs under ``-m slow``.
+The paths run once per model (``visionzoo.export.matrix.run_paths``, the code behind docs/export.md), and each
+(model, path) pair is one test. Under pytest-xdist (the default ``-n 2``) every path of a model runs on one worker
+(``xdist_group``), which computes the model's row once; without it, two spawned processes compute all rows
+(``run_many``). Compile uses dynamo's eager backend here (one graph, fullgraph); inductor runs under ``-m slow``.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -16,15 +19,29 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
+OPTIONS = dict(compile_backend="eager", optimize=False)  # the ONNX optimiser and inductor: docs/export.md
+GROUPED = [pytest.param(n, marks=pytest.mark.xdist_group(n)) for n in TEST_MODELS]
+
+
+class _RowPerModel(dict):
+    """{name: row}, each row computed on first use in this process."""
+
+    def __missing__(self, name: str):
+        self[name] = run_paths(name, **OPTIONS)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def matrix(request):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return _RowPerModel()
     wanted = sorted({item.callspec.params["name"] for item in request.session.items
                      if item.module is request.module and hasattr(item, "callspec")})
-    return run_many(wanted, workers=2, compile_backend="eager", optimize=False)  # the optimiser: docs/export.md
+    return run_many(wanted, workers=2, **OPTIONS)
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", TEST_MODELS)
+@pytest.mark.parametrize("name", GROUPED)
 def test_path(name, path, matrix):
     row = matrix[name]
     assert path not in row.errors, f"{name}: {path}: {row.errors[path]}"

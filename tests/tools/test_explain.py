@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import TEST_MODELS, make_input, randomize_bn
 from visionzoo.errors import ArgumentError
@@ -184,10 +185,28 @@ def test_cam_gradients_flow_through_the_tap(tiny_model):
     torch.testing.assert_close(r.maps, ref.detach(), atol=1e-5, rtol=1e-4)
 
 
-def test_last_stage_of_a_token_head_has_no_gradient(tiny_model):
+def test_class_token_head_taps_the_last_attention_input(tiny_model):
+    """The last stage of a class-token ViT gives its patch outputs no gradient: the CAM is Grad-CAM on the last block's
+    pre-norm output (pytorch-grad-cam's ``blocks[-1].norm1``), computed here by hand."""
     model = tiny_model("vit_test")
-    with pytest.raises(ValueError, match="no gradient"):
-        cam(model, make_input(model), stage=-1)
+    x = make_input(model)
+    r = cam(model, x, normalize=False)
+    assert r.stage == len(model.stage_info) - 1 and r.where == "attention input"
+    seen = {}
+
+    def keep(m, i, o):
+        o.retain_grad()
+        seen["a"] = o
+
+    h = model.blocks[-1].norm1.register_forward_hook(keep)
+    logits = model(x)
+    h.remove()
+    logits.gather(1, r.targets[:, None]).sum().backward()
+    a, g = seen["a"][:, 1:], seen["a"].grad[:, 1:]  # patch tokens (B, N, C)
+    gh, gw = r.grid
+    raw = (g.mean(1, keepdim=True) * a).sum(-1).reshape(-1, 1, gh, gw)
+    ref = F.interpolate(F.relu(raw), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(r.maps, ref.detach(), atol=1e-5, rtol=1e-4)
 
 
 def test_head_mask_seam():
@@ -265,6 +284,33 @@ def test_tokencut_any_family(tiny_model):
         assert (r.boxes[:, 2] > r.boxes[:, 0]).all() and (r.boxes[:, 3] > r.boxes[:, 1]).all()
         assert (r.boxes >= 0).all() and (r.boxes[:, 2:] <= 64).all()
     assert box_iou(torch.tensor([[0, 0, 4, 4]]), torch.tensor([[2, 0, 6, 4]])).item() == pytest.approx(1 / 3)
+
+
+def test_tokencut_cuts_the_last_attention_keys(tiny_model):
+    """On a global-attention stage TokenCut cuts the keys of its last attention call (the paper's features), computed
+    here from the block's own qkv projection; a ConvNet has none and ``features='keys'`` says so."""
+    model = tiny_model("vit_test")
+    x = make_input(model)
+    seen = {}
+    h = model.blocks[-1].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    r = tokencut(model, x)
+    h.remove()
+    assert r.features == "keys"
+    blk = model.blocks[-1]
+    B, N, C = seen["x"].shape
+    heads = blk.attn.num_heads
+    with torch.no_grad():
+        k = blk.attn.qkv(blk.norm1(seen["x"])).reshape(B, N, 3, heads, C // heads)[:, 1:, 1]  # (B, hw, heads, d)
+    gh, gw = r.eigvecs.shape[1:]
+    for b in range(B):
+        mask, v = ncut(k[b].reshape(gh * gw, C), (gh, gw))
+        assert torch.equal(r.masks[b], mask)
+        torch.testing.assert_close(r.eigvecs[b], v)
+    assert tokencut(model, x, features="stage").features == "stage"
+    cnn = tiny_model("convnext_test")
+    assert tokencut(cnn, make_input(cnn)).features == "stage"
+    with pytest.raises(ValueError, match="features='stage'"):
+        tokencut(cnn, make_input(cnn), features="keys")
 
 
 @pytest.mark.slow  # importing captum takes ~10 s

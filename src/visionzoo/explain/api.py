@@ -57,7 +57,8 @@ def explain(model: nn.Module, x: Tensor, method: str = "gradcam", target: int | 
                          f"(has_attention=False), so {method!r} does not apply; use one of {CAM_METHODS}")
     if method in CAM_METHODS:
         r = cam(model, x, method, stage, target)
-        return Explanation(method, r.maps, r.targets, r.grid, f"stage {r.stage} ({model.stage_info[r.stage].module})")
+        where = f"stage {r.stage} ({model.stage_info[r.stage].module}), {r.where}"
+        return Explanation(method, r.maps, r.targets, r.grid, where)
     with torch.no_grad():
         targets = resolve_targets(model, model(x), target).cpu()
     size = tuple(x.shape[-2:])

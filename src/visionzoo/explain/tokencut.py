@@ -10,8 +10,11 @@ Algorithm (the paper; YangtaoWANG95/TokenCut ``object_discovery.py`` read for th
 4. the 4-connected component of the foreground around the seed is the object: its mask and its box, scaled by
    the stride of the features.
 
-Differs from the paper: the features are a stage's map from ``forward_intermediates`` (any family; the last
-stage by default) instead of the keys of a DINO ViT's last attention, which no seam records. No bilateral solver.
+Features (``features=``): ``"keys"``, the paper's choice, are the keys of the last attention call in ``stage`` (its
+``layers.AttentionCore`` shows them to a ``qkv_observer``), heads concatenated, prefix tokens dropped; they apply
+where that call attends over the stage's whole token grid (ViT, DeiT, a global-attention stage). ``"stage"`` is the
+stage's map from ``forward_intermediates`` (any family). ``"auto"`` takes keys where they apply, else the map.
+Differs from the paper: no bilateral solver; any trained model, not only DINO's self-supervised ViTs.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionzoo.errors import ArgumentError
+from visionzoo.layers import AttentionCore
 
 __all__ = ["TokenCutResult", "ncut", "tokencut"]
 
@@ -35,6 +39,7 @@ class TokenCutResult:
     boxes: Tensor
     eigvecs: Tensor
     stage: int
+    features: str = "stage"
 
 
 def _component(fg: Tensor, seed: tuple[int, int]) -> Tensor:
@@ -72,15 +77,59 @@ def ncut(feats: Tensor, grid: tuple[int, int], tau: float = 0.2, eps: float = 1e
     return mask, v.view(h, w).float()
 
 
+def _stage_keys(model: nn.Module, x: Tensor, stage: int) -> tuple[Tensor, Tensor | None]:
+    """The stage's map ``(B, C, h, w)`` and the keys of its last attention call as a map ``(B, heads * d, h, w)``,
+    or None where that call does not attend over the stage's whole grid (windows, strides, none)."""
+    seen: list[tuple[AttentionCore, Tensor]] = []
+    cores = [m for m in model.stage_modules()[stage].modules() if isinstance(m, AttentionCore)]
+    saved = [c.qkv_observer for c in cores]
+
+    def observe(core: AttentionCore, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> None:
+        seen.append((core, k))
+
+    for c, prev in zip(cores, saved):
+        c.qkv_observer = observe if prev is None else _chain(prev, observe)
+    try:
+        fmap = model.forward_intermediates(x, [stage])[0].float()
+    finally:
+        for c, prev in zip(cores, saved):
+            c.qkv_observer = prev
+    B, _, h, w = fmap.shape
+    if not seen:
+        return fmap, None
+    core, k = seen[-1]
+    if k.ndim != 4 or k.shape[0] != B or k.shape[2] - core.prefix_tokens != h * w:
+        return fmap, None
+    k = k[:, :, core.prefix_tokens:].float()  # (B, heads, p + hw, d) -> (B, heads, hw, d)
+    return fmap, k.permute(0, 1, 3, 2).reshape(B, -1, h, w)  # -> (B, heads * d, h, w)
+
+
+def _chain(first, second):  # noqa: ANN001, ANN202
+    def both(*args):  # noqa: ANN002, ANN202
+        first(*args)
+        second(*args)
+    return both
+
+
 @torch.no_grad()
-def tokencut(model: nn.Module, x: Tensor, stage: int = -1, tau: float = 0.2, eps: float = 1e-5) -> TokenCutResult:
-    """TokenCut on the features of ``stage`` for each image of ``x``; see the module docstring."""
+def tokencut(model: nn.Module, x: Tensor, stage: int = -1, tau: float = 0.2, eps: float = 1e-5,
+             features: str = "auto") -> TokenCutResult:
+    """TokenCut on the keys or the map of ``stage`` (``features``) for each image of ``x``; see the module
+    docstring."""
     if not 0.0 <= tau < 1.0:
         raise ArgumentError(f"tokencut: tau is a cosine-similarity threshold in [0, 1), got {tau}")
+    if features not in ("auto", "keys", "stage"):
+        raise ArgumentError(f"tokencut: features must be 'auto', 'keys' or 'stage', got {features!r}")
     n = len(model.stage_modules())
     if not -n <= stage < n:
         raise ArgumentError(f"tokencut: stage must be in -{n}..{n - 1}, got {stage}")
-    fmap = model.forward_intermediates(x, [stage % n])[0].float()  # (B, C, h, w)
+    fmap, keys = _stage_keys(model, x, stage % n)  # (B, C, h, w), keys or None
+    if features == "keys" and keys is None:
+        raise ArgumentError(f"{getattr(model, 'name', 'model')}: stage {stage % n} has no attention over its whole "
+                            f"token grid, so no keys to cut; use features='stage' (its map)")
+    used = "keys" if keys is not None and features != "stage" else "stage"
+    if used == "keys":
+        fmap = keys
     B, C, h, w = fmap.shape
     H, W = x.shape[-2:]
     masks, vecs, boxes = [], [], []
@@ -92,7 +141,7 @@ def tokencut(model: nn.Module, x: Tensor, stage: int = -1, tau: float = 0.2, eps
         boxes.append(torch.tensor([int(x0 * sx), int(y0 * sy), min(W, round(x1 * sx)), min(H, round(y1 * sy))]))
         masks.append(mask)
         vecs.append(v)
-    return TokenCutResult(torch.stack(masks), torch.stack(boxes), torch.stack(vecs), stage % n)
+    return TokenCutResult(torch.stack(masks), torch.stack(boxes), torch.stack(vecs), stage % n, used)
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:

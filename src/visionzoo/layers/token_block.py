@@ -44,6 +44,12 @@ class TokenBlock(nn.Module):
         return self.attn.core
 
     @property
+    def attn_input(self) -> nn.Module:
+        """The module whose output the attention branch reads (the pre-norm ``norm1``): explain's CAMs tap it where
+        the head reads only the class token (the target's gradient reaches the patch tokens only through it)."""
+        return self.norm1
+
+    @property
     def prefix_tokens(self) -> int:
         return self.attn_core.prefix_tokens
 
