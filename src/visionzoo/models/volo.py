@@ -366,6 +366,8 @@ class VOLO(Backbone):
 
 
 _SRC = "params, top-1: official README (sail-sg/volo); MACs: paper (224), tlt README (384-512); gmacs: timm results csv"
+_CROP = ("timm evaluates these weights with crop_pct 1.15 (resize to input / 1.15, then a padded centre crop); "
+         "the library keeps crop_pct <= 1")
 _D1 = dict(layers=(4, 4, 8, 2), embed_dims=(192, 384, 384, 384), num_heads=(6, 12, 12, 12))
 _D2 = dict(layers=(6, 4, 10, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16))
 _D3 = dict(layers=(8, 8, 16, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16))
@@ -387,11 +389,11 @@ VARIANTS = {
                            crop_pct=1.0),
     "volo_d4_224": Variant(_D4, params_m=192.96152, gmacs=44.34, paper=Paper(193, 43.8, 85.7, _SRC), crop_pct=0.96),
     "volo_d4_448": Variant(_D4, params_m=193.413104, gmacs=197.13, paper=Paper(193, None, 86.8, _SRC), input_size=448,
-                           crop_pct=1.15),
+                           crop_pct=1.0, notes=_CROP),
     "volo_d5_224": Variant(_D5, params_m=295.455584, gmacs=72.4, paper=Paper(296, 69.0, 86.1, _SRC), crop_pct=0.96),
     "volo_d5_448": Variant(_D5, params_m=295.907168, gmacs=315.06, paper=Paper(296, 304, 87.0, _SRC), input_size=448,
-                           crop_pct=1.15),
+                           crop_pct=1.0, notes=_CROP),
     "volo_d5_512": Variant(_D5, params_m=296.091488, gmacs=425.09, paper=Paper(296, 412, 87.1, _SRC), input_size=512,
-                           crop_pct=1.15),
+                           crop_pct=1.0, notes=_CROP),
 }
 register_family(VOLO, VARIANTS, paper="arXiv:2106.13112", kind="vit", code="timm 1.0.31 timm/models/volo.py")
