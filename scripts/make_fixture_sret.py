@@ -1,6 +1,6 @@
 """Parity fixture for SReT against the official code.
 
-Reference: ``SReT.py`` of szq0214/SReT (Apache-2.0) at commit af6db0ae4138 (2022-09-06), read from a local file and
+Reference: ``SReT.py`` of szq0214/SReT (MIT) at commit af6db0ae4138 (2022-09-06), read from a local file and
 never copied into this repository. Get it from the mirror that ``fetch github:szq0214/SReT`` gives:
 ``git --git-dir=<mirror> show af6db0ae4138:SReT.py > /tmp/sret/SReT.py`` and pass that path as the first argument
 (or in ``SRET_OFFICIAL_FILE``).

@@ -21,8 +21,8 @@ Differs from the paper: none. The official code reshapes the tokens to a square 
 are passed down, so non-square inputs work. SyncBatchNorm in SOPE is a BatchNorm2d (the same in eval and single-device
 training). The CIFAR models have 100 classes officially: pass ``num_classes=100``.
 
-Follows the official code, ArieSeirack/DHVT (``vision_transformer.py``, no licence file beyond the timm-derived
-Apache-2.0 header), whose state-dict keys we keep except for the classifier (``head`` -> ``head.fc``, ``DHVT.remap``).
+Follows the official code, ArieSeirack/DHVT (``vision_transformer.py``, Apache-2.0), whose state-dict keys we keep
+except for the classifier (``head`` -> ``head.fc``, ``DHVT.remap``).
 """
 from __future__ import annotations
 

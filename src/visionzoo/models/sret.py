@@ -16,7 +16,7 @@ table is resampled (bicubic) for other input sizes. The attention of a group run
 has one core for its first pass (``core``) and one for its recursive pass (``core_rec``), so their maps are told apart.
 The stages pool between them, so their blocks are not ``TokenBlock`` s (no token reduction).
 
-Follows the official code, szq0214/SReT (``SReT.py``, Apache-2.0), whose state-dict keys we keep except for the head:
+Follows the official code, szq0214/SReT (``SReT.py``, MIT), whose state-dict keys we keep except for the head:
 ``norm`` (after pooling) and ``head`` are ``head.norm`` and ``head.fc`` here (``SReT.remap``). As in the official
 ``ModuleList``, each shared block sits at two indices of ``transformers.<stage>.blocks`` (its keys appear twice).
 """

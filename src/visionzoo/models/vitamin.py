@@ -15,9 +15,9 @@ Differs from the paper: none in the image tower. Inputs of another size than the
 resample of the position table (timm's ViTamin has a fixed input size). ``vitamin_large2_*`` (timm) are the same
 architecture as ``vitamin_large_*`` with other CLIP weights (a larger text tower), so they are not registered twice.
 
-Follows timm's ``vitamin.py`` (Apache-2.0; from Beckschen/ViTamin, MIT), whose state-dict keys we keep except for the
-head: ours is ``head.fc`` and ``head.norm`` where timm has ``head`` and ``fc_norm``; ``ViTamin.remap`` translates
-them.
+Follows timm's ``vitamin.py`` (Apache-2.0; ported from the official Beckschen/ViTamin), whose state-dict keys we
+keep except for the head: ours is ``head.fc`` and ``head.norm`` where timm has ``head`` and ``fc_norm``;
+``ViTamin.remap`` translates them.
 """
 from __future__ import annotations
 
