@@ -25,6 +25,8 @@ class AttentionMap:
         batch: the batch size of the model's input (``B' / batch`` windows per image).
         image_size: the ``(H, W)`` of the model's input.
         partition, shift: how windows tile the token map (``AttentionCore.partition`` / ``.shift``).
+        unfold: ``(kernel, stride, padding)`` when the windows are overlapping ``kernel x kernel`` neighbourhoods,
+            one per ``stride`` step (``AttentionCore.unfold``, VOLO's outlook attention); ``None`` otherwise.
     """
 
     name: str
@@ -35,6 +37,7 @@ class AttentionMap:
     image_size: tuple[int, int] | None = None
     partition: str = "block"
     shift: tuple[int, int] = (0, 0)
+    unfold: tuple[int, int, int] | None = None
 
     @property
     def heads(self) -> int:
@@ -95,7 +98,7 @@ class AttentionRecorder:
             self.maps.append(AttentionMap(name, probs.detach() if self.detach else probs,
                                           None if grid is None else (int(grid[0]), int(grid[1])), core.prefix_tokens,
                                           self._batch, self._input_hw, getattr(core, "partition", "block"),
-                                          tuple(getattr(core, "shift", (0, 0)))))
+                                          tuple(getattr(core, "shift", (0, 0))), getattr(core, "unfold", None)))
         return observe
 
     def _infer_grid(self, n: int) -> tuple[int, int] | None:
@@ -143,9 +146,10 @@ def token_layout(amap: AttentionMap, reduction: int | None = None) -> tuple[int,
                             f"it with "
                          f"record_attention(model) around model(x)")
     H, W = amap.image_size
+    step = (gh, gw) if amap.unfold is None else (amap.unfold[1],) * 2  # overlapping windows: one per stride step
     for s in _strides(reduction):
         Ht, Wt = -(-H // s), -(-W // s)
-        nWh, nWw = -(-Ht // gh), -(-Wt // gw)
+        nWh, nWw = -(-Ht // step[0]), -(-Wt // step[1])
         if nWh * nWw == nW:
             return Ht, Wt, nWh, nWw
     raise ArgumentError(f"{amap.name}: {nW} windows of {gh}x{gw} tile no token map of a {H}x{W} input at any stride; "
@@ -161,6 +165,12 @@ def place_windows(values: Tensor, amap: AttentionMap, reduction: int | None = No
     Ht, Wt, nWh, nWw = token_layout(amap, reduction)
     gh, gw = amap.grid
     heads = values.shape[-2]
+    if amap.unfold is not None:  # overlapping windows: fold back, each token the mean over the windows holding it
+        k, stride, pad = amap.unfold
+        v = values.reshape(-1, nWh * nWw, heads * gh * gw).transpose(1, 2)  # -> (B, h * k * k, windows)
+        fold = dict(output_size=(Ht, Wt), kernel_size=k, padding=pad, stride=stride)
+        count = torch.nn.functional.fold(torch.ones_like(v[:1, : gh * gw]), **fold)  # (1, 1, Ht, Wt)
+        return torch.nn.functional.fold(v, **fold) / count.clamp_min(1)
     v = values.reshape(-1, nWh, nWw, heads, gh, gw)  # (B * nW, h, N) -> (B, nWh, nWw, h, gh, gw)
     if amap.partition == "grid":  # token (a, b) of group (p, q) sits at (a * nWh + p, b * nWw + q)
         v = v.permute(0, 3, 4, 1, 5, 2).reshape(-1, heads, gh * nWh, gw * nWw)

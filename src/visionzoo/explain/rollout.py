@@ -22,8 +22,11 @@ becomes one ``N x N`` matrix:
   are scattered back into a block-sparse matrix with the core's ``partition`` and ``shift``; rows that lost
   weight to padding tokens are re-normalised. Tokens then mix across windows only through shifted windows,
   grids or the next call, and rollout follows exactly that;
-- calls whose keys are per-query sets (TransNeXt's aggregated attention: a halo plus pooled tokens) have no
-  token-to-token matrix: rollout refuses them with the reason.
+- class attention (CaiT-style blocks, VOLO: only the prefix tokens query, the keys are the prefix and the whole
+  map): the prefix rows as recorded, the identity for the patch tokens (they pass such a block unchanged);
+- overlapping windows (VOLO's outlook attention, ``AttentionCore.unfold``) and calls whose keys are per-query
+  sets (TransNeXt's aggregated attention: a halo plus pooled tokens) have no token-to-token
+  matrix: rollout refuses them with the reason.
 
 Parallel branches of one block (cores held by the modules of one ``nn.ModuleList``, e.g. CSWin's horizontal and
 vertical stripes on two halves of the heads) are one block: their heads are fused together.
@@ -70,6 +73,14 @@ def token_matrix(amap: AttentionMap, reduction: int | None = None) -> Tensor:
     heads, Nq, Nk = probs.shape[-3:]
     probs = probs.reshape(-1, heads, Nq, Nk)
     p = amap.prefix_tokens
+    if amap.unfold is not None:
+        raise ArgumentError(f"{amap.name}: attention over overlapping windows (outlook attention) sums the windows of "
+                            f"each token, so it has no row-stochastic token-to-token matrix for rollout; use per-head "
+                            f"maps (attention_maps) or a CAM")
+    if amap.windows == 1 and Nq == p and p and key_grid(amap) is not None:  # class attention
+        out = torch.eye(Nk).expand(probs.shape[0], heads, Nk, Nk).clone()
+        out[:, :, :p] = probs
+        return out
     if amap.windows == 1:
         if amap.self_attention:
             return probs
@@ -125,6 +136,13 @@ def _parallel_key(model: nn.Module, name: str) -> str | None:
     return parent if isinstance(mods.get(parent), nn.ModuleList) else None
 
 
+def _layout(amap: AttentionMap, reduction: int | None) -> tuple[int, int] | None:
+    """The token map a call covers: its keys' grid for class attention (prefix queries only), else its queries'."""
+    if amap.probs.shape[-2] == amap.prefix_tokens:
+        return key_grid(amap)
+    return token_layout(amap, reduction)[:2]
+
+
 def attention_rollout(model: nn.Module, x: Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0
                       ) -> Rollout:
     """Attention rollout of ``model`` on ``x`` over its last token map (see the module docstring)."""
@@ -137,11 +155,11 @@ def attention_rollout(model: nn.Module, x: Tensor, head_fusion: str = "mean", di
     calls = rec.maps
     # the last token map: walk back while the calls cover the same (Ht, Wt) with the same prefix
     last = calls[-1]
-    layout = token_layout(last, stage_reduction(model, last.name))[:2]
+    layout = _layout(last, stage_reduction(model, last.name))
     mats: list[tuple[str, str | None, Tensor]] = []
     for amap in reversed(calls):
         red = stage_reduction(model, amap.name)
-        if amap.prefix_tokens != last.prefix_tokens or token_layout(amap, red)[:2] != layout:
+        if amap.prefix_tokens != last.prefix_tokens or _layout(amap, red) != layout:
             break
         mats.append((amap.name, _parallel_key(model, amap.name), token_matrix(amap, red)))
     mats.reverse()
