@@ -47,6 +47,7 @@ class StageLayout:
     layout: str  # "nchw", "nhwc" or "tokens"
     prefix: int  # tokens ahead of the grid's ("tokens" only)
     grid: tuple[int, int]
+    groups: int = 1  # "tokens" only: the map is the mean of this many consecutive grids (ChannelViT's channels)
 
     def to_nchw(self, out: Tensor | Sequence[Tensor]) -> Tensor:
         t = out[self.item] if isinstance(out, (tuple, list)) else out
@@ -55,6 +56,9 @@ class StageLayout:
         if self.layout == "nhwc":
             return t.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
         B, _, C = t.shape
+        if self.groups > 1:
+            t = t[:, self.prefix:].reshape(B, self.groups, -1, C).mean(1)  # (B, p + kHW, C) -> (B, HW, C)
+            return t.transpose(1, 2).reshape(B, C, *self.grid)  # (B, HW, C) -> (B, C, H, W)
         return t[:, self.prefix:].transpose(1, 2).reshape(B, C, *self.grid)  # (B, p + HW, C) -> (B, C, H, W)
 
     def from_nchw(self, a: Tensor, out: Tensor | Sequence[Tensor]) -> Tensor | tuple:
@@ -63,6 +67,11 @@ class StageLayout:
             new = a
         elif self.layout == "nhwc":
             new = a.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
+        elif self.groups > 1:  # each grid moves by the map's change, so their mean is ``a``
+            B, _, C = t.shape
+            grids = t[:, self.prefix:].reshape(B, self.groups, -1, C)  # (B, kHW, C) -> (B, k, HW, C)
+            delta = a.flatten(2).transpose(1, 2) - grids.mean(1)  # (B, C, H, W) -> (B, HW, C)
+            new = torch.cat([t[:, :self.prefix], (grids + delta.unsqueeze(1)).flatten(1, 2)], dim=1)
         else:
             new = torch.cat([t[:, :self.prefix], a.flatten(2).transpose(1, 2)], dim=1)  # -> (B, p + HW, C)
         if isinstance(out, (tuple, list)):
@@ -113,6 +122,8 @@ def _learn_layout(model: nn.Module, x: Tensor, stage: int) -> StageLayout:
             cands += [StageLayout(i, "nchw", 0, (h, w)), StageLayout(i, "nhwc", 0, (h, w))]
         if t.ndim == 3 and t.shape[-1] == C and t.shape[1] >= h * w:
             cands.append(StageLayout(i, "tokens", t.shape[1] - h * w, (h, w)))
+            cands += [StageLayout(i, "tokens", t.shape[1] - k * h * w, (h, w), k)  # k grids averaged
+                      for k in range(2, t.shape[1] // (h * w) + 1)]
         for lay in cands:
             try:
                 a = lay.to_nchw(items if len(items) > 1 else t)
