@@ -51,6 +51,8 @@ class StageLayout:
     layout: str  # "nchw", "nhwc" or "tokens"
     prefix: int  # tokens ahead of the grid's ("tokens" only)
     grid: tuple[int, int]
+    groups: int = 1  # "tokens" only: the map is the mean of this many consecutive grids (ChannelViT's channels)
+    suffix: int = 0  # "tokens" only: tokens after the grid's (a class token placed last, as in ViR)
 
     def to_nchw(self, out: Tensor | Sequence[Tensor]) -> Tensor:
         t = out[self.item] if isinstance(out, (tuple, list)) else out
@@ -58,8 +60,11 @@ class StageLayout:
             return t
         if self.layout == "nhwc":
             return t.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
-        B, _, C = t.shape
-        return t[:, self.prefix:].transpose(1, 2).reshape(B, C, *self.grid)  # (B, p + HW, C) -> (B, C, H, W)
+        B, N, C = t.shape
+        t = t[:, self.prefix:N - self.suffix]  # (B, p + kHW + s, C) -> (B, kHW, C)
+        if self.groups > 1:
+            t = t.reshape(B, self.groups, -1, C).mean(1)  # (B, kHW, C) -> (B, HW, C)
+        return t.transpose(1, 2).reshape(B, C, *self.grid)  # (B, HW, C) -> (B, C, H, W)
 
     def from_nchw(self, a: Tensor, out: Tensor | Sequence[Tensor]) -> Tensor | tuple:
         t = out[self.item] if isinstance(out, (tuple, list)) else out
@@ -68,7 +73,12 @@ class StageLayout:
         elif self.layout == "nhwc":
             new = a.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
         else:
-            new = torch.cat([t[:, :self.prefix], a.flatten(2).transpose(1, 2)], dim=1)  # -> (B, p + HW, C)
+            B, N, C = t.shape
+            tokens = a.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+            if self.groups > 1:  # each grid moves by the map's change, so their mean is ``a``
+                grids = t[:, self.prefix:N - self.suffix].reshape(B, self.groups, -1, C)  # -> (B, k, HW, C)
+                tokens = (grids + (tokens - grids.mean(1)).unsqueeze(1)).flatten(1, 2)
+            new = torch.cat([t[:, :self.prefix], tokens, t[:, N - self.suffix:]], dim=1)  # -> (B, p + kHW + s, C)
         if isinstance(out, (tuple, list)):
             items = list(out)
             items[self.item] = new
@@ -137,6 +147,10 @@ def _learn_layout(model: nn.Module, x: Tensor, stage: int) -> StageLayout:
             cands += [StageLayout(i, "nchw", 0, (h, w)), StageLayout(i, "nhwc", 0, (h, w))]
         if t.ndim == 3 and t.shape[-1] == C and t.shape[1] >= h * w:
             cands.append(StageLayout(i, "tokens", t.shape[1] - h * w, (h, w)))
+            cands += [StageLayout(i, "tokens", t.shape[1] - k * h * w, (h, w), k)  # k grids averaged
+                      for k in range(2, t.shape[1] // (h * w) + 1)]
+            if t.shape[1] > h * w:  # the extra tokens after the grid
+                cands.append(StageLayout(i, "tokens", 0, (h, w), 1, t.shape[1] - h * w))
         for lay in cands:
             try:
                 a = lay.to_nchw(items if len(items) > 1 else t)

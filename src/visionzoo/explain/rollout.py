@@ -17,7 +17,8 @@ becomes one ``N x N`` matrix:
 - global self-attention: as recorded;
 - global attention whose keys are a pooled grid of the image (PVT's spatial reduction, CvT's strided key
   projection): each pooled key's weight is spread evenly over the query tokens of its cell (an approximation:
-  the pooled key stands for its cell);
+  the pooled key stands for its cell); keys on a finer grid than the queries (LookupViT's compressed tokens
+  gathering from the patch grid) each go to the query cell they lie in;
 - windowed self-attention (Swin windows, CSWin stripes, MaxViT blocks/grids, RMT rows/columns): the windows
   are scattered back into a block-sparse matrix with the core's ``partition`` and ``shift``; rows that lost
   weight to padding tokens are re-normalised. Tokens then mix across windows only through shifted windows,
@@ -92,10 +93,14 @@ def token_matrix(amap: AttentionMap, reduction: int | None = None) -> Tensor:
                              f"use per-head maps (attention_maps) or a CAM")
         gh, gw = amap.grid
         kh, kw = kg
-        cell = (torch.arange(gh)[:, None] * kh // gh) * kw + torch.arange(gw)[None, :] * kw // gw  # (gh, gw)
         spread = torch.zeros(p + kh * kw, Nq)
         spread[torch.arange(p), torch.arange(p)] = 1.0
-        spread[p + cell.flatten(), p + torch.arange(gh * gw)] = 1.0
+        if kh >= gh and kw >= gw and (kh, kw) != (gh, gw):  # keys finer than the queries (LookupViT's gather)
+            home = (torch.arange(kh)[:, None] * gh // kh) * gw + torch.arange(kw)[None, :] * gw // kw  # (kh, kw)
+            spread[p + torch.arange(kh * kw), p + home.flatten()] = 1.0  # each key to the query cell it lies in
+        else:
+            cell = (torch.arange(gh)[:, None] * kh // gh) * kw + torch.arange(gw)[None, :] * kw // gw  # (gh, gw)
+            spread[p + cell.flatten(), p + torch.arange(gh * gw)] = 1.0
         spread = spread / spread.sum(1, keepdim=True)  # each pooled key spread evenly over its cell
         return probs @ spread  # (B, h, Nq, Nk) @ (Nk, Nq) -> (B, h, Nq, Nq)
     if not amap.self_attention or p:
