@@ -8,6 +8,7 @@ import torch
 
 import visionzoo
 from conftest import TEST_MODELS, make_input, randomize_bn
+from visionzoo.backbone import is_idle
 
 pytestmark = pytest.mark.parametrize("name", TEST_MODELS)
 
@@ -22,8 +23,10 @@ def test_forward_backward(name, tiny_model):
     out = model(x)
     assert out.shape == (2, 10)
     out.logsumexp(1).mean().backward()
-    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None and not is_idle(model, n)]
     assert not no_grad, f"parameters that get no gradient: {no_grad}"
+    idle_grad = [n for n, p in model.named_parameters() if is_idle(model, n) and p.grad is not None]
+    assert not idle_grad, f"parameters declared idle (idle_names) that get a gradient: {idle_grad}"
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 

@@ -55,6 +55,12 @@ def resolve_indices(indices: int | list[int] | tuple[int, ...] | None, n: int, w
     return sorted(out)
 
 
+def is_idle(model: nn.Module, name: str) -> bool:
+    """Whether submodule or parameter ``name`` of ``model`` lies in what ``model.idle_names()`` says does not run."""
+    idle = model.idle_names() if hasattr(model, "idle_names") else []
+    return any(name == n or name.startswith(n + ".") for n in idle)
+
+
 class Backbone(nn.Module):
     """Base class of every visionzoo model; see STYLE.md section 3 for the contract.
 
@@ -236,6 +242,12 @@ class Backbone(nn.Module):
         self.out_indices = idx
         self.feature_info = FeatureInfoList(self.stage_info[i] for i in idx)
         self.reset_classifier(0)
+
+    def idle_names(self) -> list[str]:
+        """Dotted names of the submodules and parameters that the current configuration does not run (the other
+        routes of a supernet such as SN-Net); empty for a fixed network. Tools leave them out (quantization, token
+        reduction), and a backward pass gives them no gradient (``is_idle``)."""
+        return []
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TEST_MODELS, make_input, randomize_bn
+from visionzoo.backbone import is_idle
 from visionzoo.compress import LogQuantizer, TwinUniformQuantizer, UniformQuantizer, parse_scheme, quantize, sqnr_db
 from visionzoo.compress.mixed import allocate_bits, mixed_precision
 from visionzoo.compress.quantize import QuantConfig, quant_layers
@@ -174,9 +175,10 @@ def test_w8a8_close_to_fp32(name, tiny_model):
         ref = model(x)
     qm = quantize(model, "w8a8", x)  # calibrated on the images it is compared on: a subset clips the rest
     layers = quant_layers(qm)
-    n_layers = sum(1 for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d))
+    n_layers = sum(1 for n, m in model.named_modules()
+                   if type(m) in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d) and not is_idle(model, n))
     assert sum(1 for n in layers if not isinstance(layers[n], AttentionCore)) == n_layers
-    cores = [m for m in qm.modules() if isinstance(m, AttentionCore)]
+    cores = [m for n, m in qm.named_modules() if isinstance(m, AttentionCore) and not is_idle(qm, n)]
     assert all(c.probs_quant is not None for c in cores) and bool(cores) == model.has_attention
     with torch.no_grad():
         out = qm(x)

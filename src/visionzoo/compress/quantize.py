@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionzoo.backbone import is_idle
 from visionzoo.compress.quantizers import (
     KINDS,
     METHODS,
@@ -186,7 +187,7 @@ def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def quantizable(model: nn.Module) -> dict[str, nn.Module]:
     """The convs and linears a simulator would quantize (exact types: subclasses keep their own forward)."""
-    return {n: m for n, m in model.named_modules() if type(m) in _SWAP}
+    return {n: m for n, m in model.named_modules() if type(m) in _SWAP and not is_idle(model, n)}
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -281,7 +282,7 @@ def quantize(model: nn.Module, scheme: str | QuantConfig, calib: Tensor | Iterab
         model = copy.deepcopy(model)
     model.eval()
     targets = quantizable(model)
-    cores = {n: m for n, m in model.named_modules() if isinstance(m, AttentionCore)}
+    cores = {n: m for n, m in model.named_modules() if isinstance(m, AttentionCore) and not is_idle(model, n)}
     if not targets and not cores:
         name = getattr(model, "name", type(model).__name__)
         raise ArgumentError(f"{name} has no conv, linear or attention to quantize")

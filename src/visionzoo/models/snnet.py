@@ -186,6 +186,24 @@ class SNNet(Backbone):
         self.set_feature_info([FeatureInfo(self.dims[a], patch, f"anchors.{a}.blocks.{j}")
                                for a, b, e, _ in self._segments for j in range(b, e + 1)])
 
+    def idle_names(self) -> list[str]:
+        """What the current route leaves out: the unused anchor, blocks outside the route, the stems of all but the
+        first anchor, the norms of all but the last, the other stitching layers and the other classifier."""
+        comb = [a for a, *_ in self._segments]
+        idle = [f"anchors.{a}" for a in range(2) if a not in comb]
+        for a in set(comb):
+            used = {j for s, b, e, _ in self._segments if s == a for j in range(b, e + 1)}
+            idle += [f"anchors.{a}.blocks.{j}" for j in range(self.depths[a]) if j not in used]
+            if a != comb[0]:
+                idle += [f"anchors.{a}.{n}" for n in ("patch_embed", "cls_token", "pos_embed")]
+            if a != comb[-1]:
+                idle.append(f"anchors.{a}.norm")
+        used_layers = {(a, lid) for a, _, _, lid in self._segments if lid >= 0}
+        idle += [f"stitch_layers.{g}.{i}" for g, group in enumerate(self.stitch_layers) for i in range(len(group) - 1)
+                 if (g, i) not in used_layers]
+        idle.append("head.fc" if self.head.active == 0 else "head.fc_small")
+        return idle
+
     def sample_stitch(self) -> int:
         """Set and return a configuration drawn uniformly from ``stitch_ids`` (for training)."""
         self.set_stitch(random.choice(self.stitch_ids))

@@ -16,16 +16,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionzoo.backbone import is_idle
 from visionzoo.errors import ArgumentError
 from visionzoo.layers import AttentionCore, TokenBlock
 
 
 # --- which blocks ---------------------------------------------------------------------------------------------
 def token_sequences(model: nn.Module) -> list[list[TokenBlock]]:
-    """The model's ``TokenBlock`` s grouped by parent module (one group per token sequence), in model order."""
+    """The model's ``TokenBlock`` s grouped by parent module (one group per token sequence), in model order; blocks
+    the current configuration does not run (``idle_names``) are left out."""
     groups: dict[str, list[TokenBlock]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, TokenBlock):
+        if isinstance(m, TokenBlock) and not is_idle(model, name):
             groups.setdefault(name.rpartition(".")[0], []).append(m)
     return list(groups.values())
 
