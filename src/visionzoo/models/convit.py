@@ -264,6 +264,7 @@ def _init_weights(m: nn.Module) -> None:
         init_trunc_normal(m, std=0.02)
 
 
+_COUNT = "counted here from timm 1.0.31's port of the official code (params; fvcore GMACs), not the paper's table"
 _NV = "paper Table 1 figures not read from a stored copy of the paper here: left empty rather than recalled"
 VARIANTS = {
     "convit_test":  Variant(dict(embed_dim=64, depth=3, num_heads=4, local_up_to_layer=1), params_m=0.264848,
@@ -271,7 +272,9 @@ VARIANTS = {
     "convit_tiny":  Variant(dict(embed_dim=192, num_heads=4), params_m=5.710512, gmacs=1.257,
                             paper=Paper(None, None, 73.116, "official README (facebookresearch/convit), Acc@1"),
                             notes=_NV),
-    "convit_small": Variant(dict(embed_dim=432, num_heads=9), params_m=27.777322, gmacs=5.757, notes=_NV),
-    "convit_base":  Variant(dict(embed_dim=768, num_heads=16), params_m=86.540040, gmacs=17.524, notes=_NV),
+    "convit_small": Variant(dict(embed_dim=432, num_heads=9), params_m=27.777322, gmacs=5.757,
+                            paper=Paper(27.8, 5.76, None, _COUNT), notes=_NV),
+    "convit_base":  Variant(dict(embed_dim=768, num_heads=16), params_m=86.540040, gmacs=17.524,
+                            paper=Paper(86.5, 17.5, None, _COUNT), notes=_NV),
 }
 register_family(ConViT, VARIANTS, paper="arXiv:2103.10697", kind="vit", code="timm 1.0.31 timm/models/convit.py")
