@@ -251,7 +251,7 @@ def _init_weights(m: nn.Module) -> None:
         init_trunc_normal(m, std=0.02)
 
 
-_SRC = "Table 2 of arXiv:2103.00112"
+_SRC = "official tnt_pytorch/readme.md table (huawei-noah/Efficient-AI-Backbones)"
 VARIANTS = {
     "tnt_test":          Variant(dict(embed_dim=64, inner_dim=8, depth=2, num_heads=2, num_heads_inner=2),
                                  params_m=0.194664, input_size=64),
