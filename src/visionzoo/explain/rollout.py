@@ -70,6 +70,10 @@ def token_matrix(amap: AttentionMap, reduction: int | None = None) -> Tensor:
     heads, Nq, Nk = probs.shape[-3:]
     probs = probs.reshape(-1, heads, Nq, Nk)
     p = amap.prefix_tokens
+    if Nq <= p:
+        raise ArgumentError(f"{amap.name}: its only queries are the {p} prefix (class) token(s), attending to other "
+                            f"tokens (cross-attention), so it has no token-to-token matrix for rollout; use per-head "
+                            f"maps (attention_maps) or a CAM")
     if amap.windows == 1:
         if amap.self_attention:
             return probs
@@ -134,7 +138,11 @@ def attention_rollout(model: nn.Module, x: Tensor, head_fusion: str = "mean", di
         raise ArgumentError(f"rollout: discard_ratio must be in [0, 1), got {discard_ratio}")
     with torch.no_grad(), record_attention(model) as rec:
         model(x)
-    calls = rec.maps
+    calls = list(rec.maps)
+    # calls whose only queries are prefix tokens (CrossViT's class-token cross-attention) map no token to a token:
+    # the rollout ends at the last call before them
+    while len(calls) > 1 and calls[-1].probs.shape[-2] <= calls[-1].prefix_tokens:
+        calls.pop()
     # the last token map: walk back while the calls cover the same (Ht, Wt) with the same prefix
     last = calls[-1]
     layout = token_layout(last, stage_reduction(model, last.name))[:2]
