@@ -15,9 +15,10 @@ Differs from the paper: none. Follows the official yitu-opensource/T2T-ViT (``mo
 except ``head`` -> ``head.fc`` and the Performer MLP's ``mlp.0`` / ``mlp.2`` -> ``mlp.fc1`` / ``mlp.fc2``
 (``T2TViT.remap``). As there, the position table and the Performer's random features are parameters that are not
 trained (``requires_grad=False``) and count in the parameter total; for another input size the position table is
-the same sinusoid rule over the new token count. The released weights were trained with ``qk_scale =
-embed_dim ** -0.5`` in the ViT blocks (the official factories set it when ``pretrained``): pass ``qk_scale`` to use
-them; the default is ``head_dim ** -0.5``, the official default.
+the same sinusoid rule over the new token count. The released weights use ``qk_scale = embed_dim ** -0.5`` in the ViT
+blocks (the official factories set it when ``pretrained``); the registered variants set it too, so their pretrained
+weights load as released (the constructor's default, ``None``, is ``head_dim ** -0.5``, the official default for
+training from scratch).
 """
 from __future__ import annotations
 
@@ -277,29 +278,31 @@ def _init_weights(m: nn.Module) -> None:
 
 
 _README = "official README (yitu-opensource/T2T-ViT), T2T-ViT Models table"
+# the released weights use qk_scale = embed_dim ** -0.5 in the ViT blocks (the official factories set it for them)
+_S256, _S384, _S448, _S512 = 256 ** -0.5, 384 ** -0.5, 448 ** -0.5, 512 ** -0.5
 _P = dict(tokens_type="performer")
 _T = dict(tokens_type="transformer")
 VARIANTS = {
     "t2t_vit_test": Variant(dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, token_dim=16), params_m=0.158718,
                             input_size=64),
-    "t2t_vit_7":    Variant(dict(**_P, embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0), params_m=4.310222,
-                            gmacs=1.156, paper=Paper(4.3, 1.1, 71.7, _README)),
-    "t2t_vit_10":   Variant(dict(**_P, embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0), params_m=5.889230,
-                            gmacs=1.527, paper=Paper(5.9, 1.5, 75.2, _README)),
-    "t2t_vit_12":   Variant(dict(**_P, embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0), params_m=6.941902,
-                            gmacs=1.775, paper=Paper(6.9, 1.8, 76.5, _README)),
-    "t2t_vit_14":   Variant(dict(**_P, embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0), params_m=21.545550,
-                            gmacs=4.800, paper=Paper(21.5, 4.8, 81.5, _README)),
-    "t2t_vit_19":   Variant(dict(**_P, embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0), params_m=39.177422,
-                            gmacs=8.503, paper=Paper(39.2, 8.5, 81.9, _README)),
-    "t2t_vit_24":   Variant(dict(**_P, embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0), params_m=64.105934,
-                            gmacs=13.692, paper=Paper(64.1, 13.8, 82.3, _README)),
-    "t2t_vit_t_14": Variant(dict(**_T, embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0), params_m=21.541070,
-                            gmacs=6.106, paper=Paper(21.5, 6.1, 81.7, _README)),
-    "t2t_vit_t_19": Variant(dict(**_T, embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0), params_m=39.172942,
-                            gmacs=9.808, paper=Paper(39.2, 9.8, 82.4, _README)),
-    "t2t_vit_t_24": Variant(dict(**_T, embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0), params_m=64.101454,
-                            gmacs=14.998, paper=Paper(64.1, 15.0, 82.6, _README)),
+    "t2t_vit_7":    Variant(dict(**_P, embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, qk_scale=_S256),
+                            params_m=4.310222, gmacs=1.156, paper=Paper(4.3, 1.1, 71.7, _README)),
+    "t2t_vit_10":   Variant(dict(**_P, embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0, qk_scale=_S256),
+                            params_m=5.889230, gmacs=1.527, paper=Paper(5.9, 1.5, 75.2, _README)),
+    "t2t_vit_12":   Variant(dict(**_P, embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0, qk_scale=_S256),
+                            params_m=6.941902, gmacs=1.775, paper=Paper(6.9, 1.8, 76.5, _README)),
+    "t2t_vit_14":   Variant(dict(**_P, embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, qk_scale=_S384),
+                            params_m=21.545550, gmacs=4.800, paper=Paper(21.5, 4.8, 81.5, _README)),
+    "t2t_vit_19":   Variant(dict(**_P, embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0, qk_scale=_S448),
+                            params_m=39.177422, gmacs=8.503, paper=Paper(39.2, 8.5, 81.9, _README)),
+    "t2t_vit_24":   Variant(dict(**_P, embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0, qk_scale=_S512),
+                            params_m=64.105934, gmacs=13.692, paper=Paper(64.1, 13.8, 82.3, _README)),
+    "t2t_vit_t_14": Variant(dict(**_T, embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, qk_scale=_S384),
+                            params_m=21.541070, gmacs=6.106, paper=Paper(21.5, 6.1, 81.7, _README)),
+    "t2t_vit_t_19": Variant(dict(**_T, embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0, qk_scale=_S448),
+                            params_m=39.172942, gmacs=9.808, paper=Paper(39.2, 9.8, 82.4, _README)),
+    "t2t_vit_t_24": Variant(dict(**_T, embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0, qk_scale=_S512),
+                            params_m=64.101454, gmacs=14.998, paper=Paper(64.1, 15.0, 82.6, _README)),
 }
 register_family(T2TViT, VARIANTS, paper="arXiv:2101.11986", kind="vit",
                 code="yitu-opensource/T2T-ViT@0f63dc9 models/t2t_vit.py")
