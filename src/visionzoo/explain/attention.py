@@ -248,7 +248,16 @@ class HeadMaps:
 
 
 def stage_reduction(model: nn.Module, name: str) -> int | None:
-    """The reduction of the stage (``model.stage_info``) whose module holds ``name``, if the model names one."""
+    """The reduction of the stage (``model.stage_info``) whose module holds ``name``, if the model names one.
+
+    An attention core whose queries live at another stride than their stage's output (TNT's words, at stride 4
+    inside stride-16 blocks) says so in its ``query_reduction`` attribute, which then wins."""
+    try:
+        own = getattr(model.get_submodule(name), "query_reduction", None)
+    except AttributeError:
+        own = None
+    if own:
+        return own
     best = None
     for info in getattr(model, "stage_info", ()) or ():
         if name.startswith(info.module + "."):

@@ -64,6 +64,13 @@ def _window_index(amap: AttentionMap, reduction: int | None) -> tuple[Tensor, in
     return idx.reshape(nWh * nWw, gh * gw), Ht * Wt
 
 
+def _class_attention(amap: AttentionMap) -> bool:
+    """Only the prefix tokens query, over the call's own token grid (CaiT-style class attention; VOLO, SpectFormer),
+    unlike cross-attention whose keys are another token set (CrossViT)."""
+    Nq = amap.probs.shape[-2]
+    return amap.windows == 1 and Nq == amap.prefix_tokens > 0 and key_grid(amap) is not None
+
+
 def token_matrix(amap: AttentionMap, reduction: int | None = None) -> Tensor:
     """One call as a row-stochastic ``(B, heads, N, N)`` matrix over its map's ``prefix + Ht * Wt`` tokens.
 
@@ -78,10 +85,14 @@ def token_matrix(amap: AttentionMap, reduction: int | None = None) -> Tensor:
         raise ArgumentError(f"{amap.name}: attention over overlapping windows (outlook attention) sums the windows of "
                             f"each token, so it has no row-stochastic token-to-token matrix for rollout; use per-head "
                             f"maps (attention_maps) or a CAM")
-    if amap.windows == 1 and Nq == p and p and key_grid(amap) is not None:  # class attention
+    if _class_attention(amap):  # class attention: only the prefix tokens query the call's own tokens
         out = torch.eye(Nk).expand(probs.shape[0], heads, Nk, Nk).clone()
         out[:, :, :p] = probs
         return out
+    if Nq <= p:
+        raise ArgumentError(f"{amap.name}: its only queries are the {p} prefix (class) token(s), attending to other "
+                            f"tokens (cross-attention), so it has no token-to-token matrix for rollout; use per-head "
+                            f"maps (attention_maps) or a CAM")
     if amap.windows == 1:
         if amap.self_attention:
             return probs
@@ -157,7 +168,11 @@ def attention_rollout(model: nn.Module, x: Tensor, head_fusion: str = "mean", di
         raise ArgumentError(f"rollout: discard_ratio must be in [0, 1), got {discard_ratio}")
     with torch.no_grad(), record_attention(model) as rec:
         model(x)
-    calls = rec.maps
+    calls = list(rec.maps)
+    # calls whose only queries are prefix tokens (CrossViT's class-token cross-attention) map no token to a token:
+    # the rollout ends at the last call before them
+    while len(calls) > 1 and calls[-1].probs.shape[-2] <= calls[-1].prefix_tokens and not _class_attention(calls[-1]):
+        calls.pop()
     # the last token map: walk back while the calls cover the same (Ht, Wt) with the same prefix
     last = calls[-1]
     layout = _layout(last, stage_reduction(model, last.name))

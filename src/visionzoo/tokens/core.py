@@ -39,7 +39,9 @@ def refusal(model: nn.Module) -> str | None:
         return (f"{name} already has {model.token_reduction.spec} applied; call visionzoo.tokens.remove(model) "
                 f"first")
     if not token_sequences(model):
-        if not getattr(model, "has_attention", False):
+        if getattr(model, "no_token_reduction_reason", None):  # a family that says why (TNT's word stream)
+            why = model.no_token_reduction_reason
+        elif not getattr(model, "has_attention", False):
             why = ("it computes no softmax attention (has_attention=False): its tokens are the pixels of "
                    "convolutional feature maps")
         else:
