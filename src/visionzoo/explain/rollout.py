@@ -81,6 +81,10 @@ def token_matrix(amap: AttentionMap, reduction: int | None = None) -> Tensor:
                              f"use per-head maps (attention_maps) or a CAM")
         gh, gw = amap.grid
         kh, kw = kg
+        if gh * gw < kh * kw:  # the queries are the pooled side (GLNet's cluster slots gathering the pixels)
+            raise ArgumentError(f"{amap.name}: its {Nq} queries are a pooled {gh}x{gw} grid over its {Nk} keys, not "
+                                f"tokens of the map, so it has no token-to-token matrix for rollout; use per-head "
+                                f"maps (attention_maps) or a CAM")
         cell = (torch.arange(gh)[:, None] * kh // gh) * kw + torch.arange(gw)[None, :] * kw // gw  # (gh, gw)
         spread = torch.zeros(p + kh * kw, Nq)
         spread[torch.arange(p), torch.arange(p)] = 1.0
