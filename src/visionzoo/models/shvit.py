@@ -10,9 +10,10 @@ Between stages, a residual dw-conv + FFN pair on each side of an inverted-residu
 depthwise 3x3/2, squeeze-excite, 1x1 down).
 
 Differs from the paper: none. Follows timm ``shvit.py`` (timm 1.0.31, Apache-2.0; port of ysj9909/SHViT, MIT) and
-keeps its state-dict layout, except the classifier (timm ``head.bn``/``head.l`` -> our ``head.norm``/``head.fc``,
-translated by ``SHViT.remap``). A stage downsamples when it is not the first (timm: when its width differs from the
-previous stage's, the same thing for every released configuration).
+keeps its state-dict layout, except the classifier (timm ``head.bn``/``head.l`` -> our ``head.norm``/``head.fc``);
+``SHViT.remap`` translates that and the official flat layout (``blocks1``-``blocks3``, downsamplings inline). A
+stage downsamples when it is not the first (timm: when its width differs from the previous stage's, the same thing
+for every released configuration). The official distillation head (off in every release) is not built.
 
 ``fuse()`` gives the official deploy form (``replace_batchnorm``): every conv-BN folds (the generic walk), each
 residual depthwise conv absorbs its identity into the kernel centre (``SHViTResidual.fuse``), and the head's BN1d
@@ -234,9 +235,24 @@ class SHViT(Backbone):
 
     @staticmethod
     def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """timm keys -> ours: the classifier ``head.bn``/``head.l`` becomes ``head.norm``/``head.fc``."""
+        """timm or official (ysj9909/SHViT) keys -> ours.
+
+        timm: the classifier ``head.bn``/``head.l`` becomes ``head.norm``/``head.fc``. Official: ``blocks1.j`` ->
+        ``stages.0.blocks.j``; in ``blocks2``/``blocks3`` the first three entries are the downsampling (a (dw-conv,
+        FFN) pair, the patch merging, another pair: ``downsample.0-4``) and entry ``j >= 3`` is block ``j - 3``.
+        """
         out = {}
         for k, v in state_dict.items():
+            m = re.match(r"^blocks(\d+)\.(\d+)\.(.*)$", k)
+            if m:
+                i, j, rest = int(m[1]) - 1, int(m[2]), m[3]
+                if i == 0 or j >= 3:
+                    k = f"stages.{i}.blocks.{j - 3 if i else j}.{rest}"
+                elif j == 1:
+                    k = f"stages.{i}.downsample.2.{rest}"
+                else:  # a (dw-conv, FFN) pair: its entry 0 or 1
+                    first, tail = rest.split(".", 1)
+                    k = f"stages.{i}.downsample.{int(first) + (0 if j == 0 else 3)}.{tail}"
             k = re.sub(r"^head\.bn\.", "head.norm.", k)
             k = re.sub(r"^head\.l\.", "head.fc.", k)
             out[k] = v
