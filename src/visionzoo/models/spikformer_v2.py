@@ -19,7 +19,12 @@ needed. The v2 code is unreleased: the Spiking Convolutional Stem (SCS) follows 
 Differs from the v1 code: the q/k/v/proj 1x1 ``Conv1d`` + ``BatchNorm1d`` over flattened tokens are 1x1 ``Conv2d`` +
 ``BatchNorm2d`` over the same grid (identical maths; ``remap`` reshapes the weights), so ``fuse()`` folds them; the
 unused ``norm1``/``norm2`` LayerNorms of the official ``Block`` are not built (their 4*dim parameters per block are
-dropped by ``remap``).
+dropped by ``remap``); convs start from N(0, (4 / sqrt(fan_in))^2) instead of PyTorch's default, so that the
+eval-mode network fires at init (see ``_init_weights``); ``drop_path_rate`` (0 by default) is applied to both
+residual branches, where the official Block computes its rates but never applies them. Each block returns the pair
+(spike maps over time ``(T * B, C, H, W)``, their mean over time ``(B, C, H, W)``): the second is what
+``forward_intermediates``, ``features_only``, hooks and CAMs see; ``forward_features`` returns the last block's
+mean firing map.
 """
 from __future__ import annotations
 
