@@ -94,6 +94,7 @@ class Backbone(nn.Module):
     cpu_channels_last: bool = False
     cpu_channels_last_min_batch: int = 1
     has_attention: bool = False
+    spiking: bool = False  # activations are hard thresholds (spikes): a small input change flips them
     takes_img_size: bool = False
     takes_patch_size: bool = False
 

@@ -186,6 +186,7 @@ class SpikformerV2(Backbone):
 
     min_input_size = 32
     input_multiple = 16
+    spiking = True
 
     def __init__(self, embed_dim: int = 512, depth: int = 8, num_heads: int = 8, mlp_ratio: float = 4.0, *,
                  T: int = 4, stem: str = "scs", in_chans: int = 3, num_classes: int = 1000, drop_rate: float = 0.0,
