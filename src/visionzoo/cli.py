@@ -309,6 +309,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from visionzoo.train import dist
+    from visionzoo.train.loop import build_model, seed_everything
+    from visionzoo.train.pretrain import pretrain
+
+    cfg = _train_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = dist.setup(args.device)
+    try:
+        splits = _load_splits(args)
+        seed_everything(args.seed)
+        model = build_model(args.model, splits.num_classes, splits.in_chans, _resolve_img_size(args, splits),
+                            args.patch_size, drop_path_rate=args.drop_path, **_model_args(args.model_arg))
+        res = pretrain(model, splits, args.method, cfg, args.out, resume=args.resume, dist_info=info,
+                       mask_ratio=args.mask_ratio, mask_stride=args.mask_stride)
+        if info.is_main and res.metrics is not None:
+            acc = "" if res.metrics.top1 != res.metrics.top1 else f", rotation accuracy {res.metrics.top1:.2f}%"
+            print(f"{args.model} + {args.method}: val pretext loss {res.metrics.loss:.4f}{acc} "
+                  f"({res.train_time_s:.0f} s); files in {args.out}: "
+                  + ", ".join(Path(f).name for f in res.files.values())
+                  + (f"; fine-tune with: visionzoo train --model {args.model} --init {args.out}/backbone.safetensors"
+                     if "backbone" in res.files else ""))
+    finally:
+        dist.cleanup()
+    return 0
+
+
 def default_eval_dir(checkpoint: str | Path) -> Path:
     """Where ``visionzoo eval`` writes when ``--out`` is not given: ``<checkpoint folder>/<checkpoint stem>_eval``."""
     p = Path(checkpoint)
@@ -754,6 +782,21 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
     _add_data_args(s)
     _add_recipe_args(s)
     s.set_defaults(func=cmd_train)
+    s = sub.add_parser("pretrain", help="self-supervised pretraining on the training images (mae, spark, rotnet, sit) "
+                       "-> OUT/backbone.safetensors for train --init", formatter_class=_DefaultsFormatter)
+    s.add_argument("--model", required=True, help="registered model name")
+    s.add_argument("--method", required=True, choices=("mae", "spark", "rotnet", "sit"),
+                   help="mae, sit: plain ViTs; spark: ConvNets and hierarchical models; rotnet: every family")
+    s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="constructor override, repeatable (e.g. depth=6)")
+    s.add_argument("--mask-ratio", type=float, default=None, help="masked fraction (mae 0.75, spark 0.6)")
+    s.add_argument("--mask-stride", type=int, default=None,
+                   help="spark: the mask cell in pixels (default: the coarsest feature stride, as SparK)")
+    s.add_argument("--resume", default=None, help="a latest.pt to continue exactly, or 'auto' for OUT/latest.pt")
+    s.add_argument("--out", default="runs/pretrain", help="folder for metrics.csv, latest.pt, backbone.safetensors")
+    _add_data_args(s)
+    _add_recipe_args(s)
+    s.set_defaults(func=cmd_pretrain)
     s = sub.add_parser("eval", help="top-1/top-5/loss, per-class accuracy and a confusion matrix of a checkpoint",
                        formatter_class=_DefaultsFormatter)
     s.add_argument("--model", default=None, help="registered name (needed when the checkpoint does not record it)")

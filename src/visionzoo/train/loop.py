@@ -249,7 +249,7 @@ class _Trainer:
             raise ArgumentError(f"the model takes in_chans={base.in_chans} but the data has {splits.in_chans} "
                                 f"channels; build the model with in_chans={splits.in_chans} or load the data with "
                                 f"in_chans={base.in_chans}")
-        if base.num_classes != splits.num_classes:
+        if base.num_classes != splits.num_classes and not getattr(base, "is_pretext", False):
             raise ArgumentError(f"the model has num_classes={base.num_classes} but the data {splits.num_classes} "
                                 f"classes; build it with num_classes={splits.num_classes}")
         self.train_loader, self.val_loader = make_loaders(
@@ -262,7 +262,9 @@ class _Trainer:
         self.ema = ModelEma(base, cfg.ema_decay) if cfg.ema else None
         if dist_info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(base, device_ids=ids)
+            # a pretext objective may leave a backbone part unused (MAE skips the final norm): it says so
+            unused = bool(getattr(base, "find_unused_parameters", False))
+            self.model = nn.parallel.DistributedDataParallel(base, device_ids=ids, find_unused_parameters=unused)
         else:
             self.model = base
         self.opt = create_optimizer(base, cfg.opt, cfg.lr, cfg.weight_decay, cfg.momentum,
@@ -384,6 +386,10 @@ class _Trainer:
         return evaluate(model, self.val_loader, self.splits.num_classes, mean=self.mean, std=self.std,
                         device=self.device, amp=self.cfg.amp, classes=self.splits.classes)
 
+    def finish(self, out: Path) -> dict[str, str]:
+        """The end-of-run files (a subclass, e.g. pretraining, writes its own)."""
+        return _finish(self, out)
+
     def write_epoch(self) -> None:
         state = self.state()  # every rank takes part: the RNG states are gathered
         if self.d.is_main and self.out_dir is not None:
@@ -403,7 +409,7 @@ def _progress(enabled: bool) -> Any:
 def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, out_dir: str | Path | None = None, *,
         resume: str | Path | None = None, dist_info: DistInfo | None = None,
         log: Callable[[str], None] | None = print, loss_fn: LossFn | None = None,
-        on_step: Callable[[float], None] | None = None) -> FitResult:
+        on_step: Callable[[float], None] | None = None, trainer_cls: type[_Trainer] | None = None) -> FitResult:
     """Train ``model`` on ``splits`` with ``cfg``; write ``metrics.csv``, ``latest.pt`` (every epoch) and, at the
     end, ``curves.png`` and ``model.safetensors`` (``model_ema.safetensors``) into ``out_dir`` (rank 0 only).
 
@@ -411,7 +417,8 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
     soft_targets) -> (loss, logits)`` replaces the soft-target cross-entropy (a tool's training loss, e.g. MCTF's
     token-reduction consistency; single process only); ``on_step(fraction_done)`` is called before the first step
     and after every optimiser step (a tool's schedule, e.g. EViT's keep-rate warm-up). ``visionzoo.tokens`` handles
-    provide both (``handle.training_loss``, ``handle.on_train_step``). The model must be
+    provide both (``handle.training_loss``, ``handle.on_train_step``). ``trainer_cls`` is a ``_Trainer`` subclass
+    with other steps (``visionzoo.train.pretrain`` runs its pretext objectives this way). The model must be
     built with the data's ``num_classes`` and ``in_chans``; its ``data_config`` gives the input size, mean, std,
     crop_pct and interpolation.
     """
@@ -429,7 +436,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
     running, saved = 0, None  # the epoch in progress; the epoch the latest.pt on disk holds
     try:
         seed_everything(cfg.seed + d.rank)
-        tr = _Trainer(model, splits, cfg, out, d, say, loss_fn, on_step)
+        tr = (trainer_cls or _Trainer)(model, splits, cfg, out, d, say, loss_fn, on_step)
         if resume == "auto":
             resume = out / "latest.pt" if out is not None and (out / "latest.pt").is_file() else None
         if resume is not None:
@@ -465,7 +472,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
         if metrics is None and tr.history:  # nothing left to run after a resume: report the stored model
             metrics = tr.evaluate(tr.base)
             ema_metrics = tr.evaluate(tr.ema.module) if tr.ema else None
-        files = _finish(tr, out) if d.is_main and out is not None and tr.epoch >= cfg.epochs else {}
+        files = tr.finish(out) if d.is_main and out is not None and tr.epoch >= cfg.epochs else {}
         barrier()
         return FitResult(tr.history, metrics, ema_metrics, out, train_time, files)
     except KeyboardInterrupt:
