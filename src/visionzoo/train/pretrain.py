@@ -219,7 +219,7 @@ class RotNet(PretextModel):
 
     @staticmethod
     def rotations(x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, C, S, S)`` -> the 4 rotations ``(4B, C, S, S)`` (all 0 deg first, then 90, ...) and labels ``(4B,)``."""
+        """``(B, C, S, S)`` -> its 4 rotations ``(4B, C, S, S)`` (all at 0 deg, then 90, ...), labels ``(4B,)``."""
         if x.shape[-1] != x.shape[-2]:
             raise ArgumentError(f"rotnet rotates square images; got {tuple(x.shape[-2:])}")
         xs = torch.cat([torch.rot90(x, k, (2, 3)) for k in range(4)])
@@ -309,9 +309,14 @@ class _SparseBatchNorm2d(nn.BatchNorm2d):
         return out.permute(0, 3, 1, 2)
 
 
-def _remask_hook(module: nn.Module, args: Any, y: Any) -> Any:
+def _remask_conv(module: nn.Module, args: Any, y: Any) -> Any:
     ctx = module.__dict__.get("spark")
-    return None if ctx is None else ctx.remask(y)
+    return None if ctx is None else ctx.remask_conv(y)
+
+
+def _remask_stage(module: nn.Module, args: Any, y: Any) -> Any:
+    ctx = module.__dict__.get("spark")
+    return None if ctx is None else ctx.remask_stage(y)
 
 
 class SparK(PretextModel):
@@ -373,10 +378,10 @@ class SparK(PretextModel):
                 object.__setattr__(m, "spark", self)
             if isinstance(m, nn.Conv2d):
                 object.__setattr__(m, "spark", self)
-                self._handles.append(m.register_forward_hook(_remask_hook))
+                self._handles.append(m.register_forward_hook(_remask_conv))
         for st in backbone.stage_modules():
             object.__setattr__(st, "spark", self)
-            self._handles.append(st.register_forward_hook(_remask_hook))
+            self._handles.append(st.register_forward_hook(_remask_stage))
 
     def densify_off(self) -> None:
         """Make the backbone dense again (hooks removed, BatchNorms restored); the pretext model is then spent."""
@@ -403,21 +408,36 @@ class SparK(PretextModel):
             out = F.interpolate(v, size=(h, w), mode="nearest")
         return out.to(y.dtype)
 
-    def remask(self, y: Any) -> Any:
-        """``y`` with masked positions zeroed, for NCHW maps, NHWC maps and ``(B, h w, C)`` tokens; else as is."""
-        if self.visible is None or not isinstance(y, Tensor):
-            return None
+    def _grid_ok(self, y: Tensor, h: int, w: int) -> bool:
         H, W = self._img
-        if y.ndim == 4:
-            for hw, nhwc in ((y.shape[2:], False), (y.shape[1:3], True)):
-                h, w = int(hw[0]), int(hw[1])
-                if h and w and H % h == 0 and W % w == 0 and H // h == W // w:
-                    v = self.vis_at(y, h, w)
-                    return y * (v.permute(0, 2, 3, 1) if nhwc else v)
-        if y.ndim == 3:
-            s = math.isqrt(H * W // max(1, y.shape[1]))
-            if s and H % s == 0 and W % s == 0 and (H // s) * (W // s) == y.shape[1]:
-                return y * self.vis_at(y, H // s, W // s).flatten(2).transpose(1, 2)
+        return y.shape[0] == self.visible.shape[0] and h > 0 and w > 0 and H % h == 0 and W % w == 0 \
+            and H // h == W // w
+
+    def remask_conv(self, y: Any) -> Any:
+        """A conv's NCHW output with masked positions zeroed; a conv run on windows (batch x windows) is left to its
+        stage's output."""
+        if self.visible is None or not isinstance(y, Tensor) or y.ndim != 4 or not self._grid_ok(y, *y.shape[2:]):
+            return None
+        return y * self.vis_at(y)
+
+    def remask_stage(self, y: Any) -> Any:
+        """A stage's output (NCHW, NHWC, ``(B, h w, C)`` tokens or ``(map, class token)``; the layout read through the
+        contract's ``stage_to_nchw``) with masked positions zeroed."""
+        if self.visible is None:
+            return None
+        z = self.backbone.stage_to_nchw(y)
+        if isinstance(y, tuple) and y and z is y[0]:  # (map, class token): mask the map
+            fmap = self.remask_conv(z)
+            return None if fmap is None else (fmap, *y[1:])
+        if not isinstance(y, Tensor) or not isinstance(z, Tensor) or z.ndim != 4 or not self._grid_ok(z, *z.shape[2:]):
+            return None
+        v = self.vis_at(z)
+        if z is y:
+            return y * v
+        if y.ndim == 4 and y.shape == z.permute(0, 2, 3, 1).shape:
+            return y * v.permute(0, 2, 3, 1)  # NHWC
+        if y.ndim == 3 and y.shape[1] == z.shape[2] * z.shape[3]:
+            return y * v.flatten(2).transpose(1, 2)  # (B, h w, C) tokens
         return None
 
     def encode(self, x: Tensor, visible: Tensor) -> list[Tensor]:
