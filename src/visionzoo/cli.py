@@ -264,6 +264,7 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202
                        weight_decay=args.weight_decay, momentum=args.momentum, layer_decay=args.layer_decay,
                        sam=args.sam, sam_rho=args.sam_rho, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
                        ema=args.ema, ema_decay=args.ema_decay, clip_grad=args.clip_grad, accum_steps=args.accum_steps,
+                       tract=getattr(args, "tract", None),
                        amp=args.amp, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
                        deterministic=not args.nondeterministic, crop_pct=args.crop_pct, workers=args.workers,
                        stop_after=args.stop_after, progress=not args.no_progress, aug=aug).validate()
@@ -286,6 +287,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             from visionzoo.weights import load_checkpoint
 
             load_checkpoint(model, args.init, strict=False)
+        if args.spt or args.lsa:
+            from visionzoo.train.small_data import apply_lsa, apply_spt
+
+            if args.spt:
+                apply_spt(model)
+            if args.lsa:
+                apply_lsa(model)
+        peft = None
+        if args.peft:
+            from visionzoo.train.peft import apply_peft
+
+            peft = apply_peft(model, args.peft, rank=args.rank, alpha=args.lora_alpha, prompts=args.prompts,
+                              deep=args.deep_prompts)
+            if info.is_main:
+                print(peft.summary())
         hooks = {}
         if args.tokens:
             from visionzoo.tokens import apply_spec
@@ -298,6 +314,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             if info.is_main:
                 print(f"token reduction: {handle.spec}")
         res = fit(model, splits, cfg, args.out, resume=args.resume, dist_info=info, **hooks)
+        if peft is not None and peft.method == "lora" and info.is_main and "model" in res.files:
+            from visionzoo.weights import read, save  # the merged model: a plain checkpoint of the architecture
+
+            _, meta = read(res.files["model"])
+            save(peft.merge(), res.files["model"], extra={k: str(v) for k, v in meta.items()
+                                                         if k not in ("format", "variant", "args")})
+            print(f"LoRA merged into the weights of {res.files['model']}")
         if info.is_main and res.metrics is not None:
             ema = f", EMA {res.ema_metrics.top1:.2f}%" if res.ema_metrics else ""
             tok = f" + {args.tokens}" if args.tokens else ""
@@ -779,6 +802,17 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
     s.add_argument("--tokens", default=None, metavar="METHOD:K=V,...",
                    help="train with token reduction active, e.g. tome:r=8, evit:keep=0.7, mctf:r=16,consistency=True, "
                         "slim:keep=0.5 (visionzoo.tokens; recorded in the checkpoint)")
+    g = s.add_argument_group("parameter-efficient fine-tuning and small-data recipes")
+    g.add_argument("--peft", choices=("lora", "vqt", "prompt", "bitfit", "linear"), default=None,
+                   help="freeze the backbone and train only the method's parameters and the classifier")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
+    g.add_argument("--prompts", type=int, default=10, help="prompt tokens (prompt) or query tokens per block (vqt)")
+    g.add_argument("--deep-prompts", action="store_true", help="prompt: new prompts before every block (deep VPT)")
+    g.add_argument("--tract", type=float, default=None, metavar="LAMBDA",
+                   help="TrAct: precondition the first layer's update (lambda, the paper's default 0.1)")
+    g.add_argument("--spt", action="store_true", help="Shifted Patch Tokenization (plain ViTs)")
+    g.add_argument("--lsa", action="store_true", help="Locality Self-Attention (plain ViTs)")
     _add_data_args(s)
     _add_recipe_args(s)
     s.set_defaults(func=cmd_train)

@@ -28,7 +28,7 @@ from visionzoo.train.augment import AugConfig, Normalize, TrainAugment, channel_
 from visionzoo.train.data import DataSplits, make_loaders
 from visionzoo.train.dist import DistInfo, all_gather_objects, barrier
 from visionzoo.train.metrics import EvalMetrics, MetricAccumulator, plot_history, write_csv
-from visionzoo.train.optim import SAM, create_optimizer
+from visionzoo.train.optim import SAM, TrAct, create_optimizer
 from visionzoo.train.sched import CosineWarmup
 
 __all__ = ["FitResult", "ModelEma", "TrainConfig", "TrainingInterrupted", "build_model", "evaluate", "fit",
@@ -54,6 +54,7 @@ class TrainConfig:
     layer_decay: float | None = None
     sam: bool = False
     sam_rho: float = 0.05
+    tract: float | None = None  # TrAct's lambda for the first layer's update (optim.TrAct), e.g. 0.1
     warmup_epochs: float = 1.0
     min_lr: float = 1e-6
     ema: bool = False
@@ -80,6 +81,10 @@ class TrainConfig:
             raise ArgumentError(f"amp must be one of {tuple(AMP)}, got {self.amp!r}")
         if self.sam and self.accum_steps > 1:
             raise ArgumentError("sam takes two forward/backward passes per step; use it with accum_steps=1")
+        if self.tract is not None and not self.tract > 0:
+            raise ArgumentError(f"tract (TrAct's lambda) must be > 0, got {self.tract}; the paper's default is 0.1")
+        if self.tract is not None and self.sam:
+            raise ArgumentError("tract preconditions one gradient per step; use it without sam")
         if self.sam and self.amp == "fp16":
             raise ArgumentError("sam with amp='fp16' (a gradient scaler) is not supported; use amp='bf16' or 'none'")
         if self.clip_grad is not None and self.clip_grad <= 0:
@@ -269,6 +274,7 @@ class _Trainer:
             self.model = base
         self.opt = create_optimizer(base, cfg.opt, cfg.lr, cfg.weight_decay, cfg.momentum,
                                     layer_decay=cfg.layer_decay, sam=cfg.sam, sam_rho=cfg.sam_rho)
+        self.tract = TrAct(base, cfg.tract) if cfg.tract is not None else None
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.accum_steps)
         self.sched = CosineWarmup(self.opt, cfg.epochs * self.steps_per_epoch, cfg.lr,
                                   round(cfg.warmup_epochs * self.steps_per_epoch), min(cfg.min_lr, cfg.lr))
@@ -334,6 +340,8 @@ class _Trainer:
             self._clip()
             self.opt.second_step(zero_grad=True)
         else:
+            if self.tract is not None:
+                self.tract.precondition()
             self._clip()
             if self.scaler is not None:
                 self.scaler.step(self.opt)
