@@ -368,6 +368,10 @@ class SparK(PretextModel):
     def options(self) -> dict[str, Any]:
         return dict(mask_ratio=self.mask_ratio, mask_stride=self.mask_stride)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:  # recomputed stages would run after the mask is gone, unmasked
+            raise ArgumentError("spark re-masks every layer while the encoder runs; drop --grad-checkpointing")
+
     # --- the sparse encoder --------------------------------------------------------------------------------
     def _sparsify(self, backbone: nn.Module) -> None:
         # the context is a plain attribute (not a submodule: no cycle in modules()/state_dict); a deepcopy (EMA)
