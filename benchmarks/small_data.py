@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (more, up to 3x, for tiny subsets)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--no-peft", action="store_true")
+    p.add_argument("--no-finetune", action="store_true", help="skip scratch vs pretrained (PEFT only)")
+    p.add_argument("--peft-init", default=None, help="the ViT pretraining method PEFT starts from (default: the first)")
+    p.add_argument("--lora-rank", type=int, default=2)
+    p.add_argument("--peft-lr", type=float, default=3e-3)
+    p.add_argument("--reuse", action="store_true", help="reuse backbones a previous run left in runs/bench_small_data")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/small_data.json")
     args = p.parse_args(argv)
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     pre_cfg = TrainConfig(epochs=args.pretrain_epochs, batch_size=64, lr=1.5e-3, weight_decay=0.05, warmup_epochs=1,
                           progress=False, aug=AugConfig(scale=(0.6, 1.0), hflip=0.0, smoothing=0.0))
     work = Path("runs/bench_small_data")
+    PEFT[0] = ("lora", dict(rank=args.lora_rank))
     results: dict = {"cpu": cpu_model(), "config": vars(args), "pretrain": {}, "finetune": [], "peft": []}
     backbones: dict[tuple[str, str], Path] = {}
     t0 = time.perf_counter()
@@ -97,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             torch.manual_seed(0)
             out = work / f"{name}_{method}"
+            if args.reuse and (out / "backbone.safetensors").is_file():
+                backbones[(kind, method)] = out / "backbone.safetensors"
+                print(f"reusing {out / 'backbone.safetensors'}", flush=True)
+                continue
             opts = {"mask_stride": 8} if method == "spark" else {}
             model = model_for(name, splits, args.img_size, args.patch_size)
             r = pretrain(model, splits, method, pre_cfg, out, log=None, **opts)
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if peft is not None:
             h = apply_peft(model, peft[0], **peft[1])
             trainable, total = h.trainable_params, h.total_params
-            lr = 3e-3
+            lr = args.peft_lr
         epochs = min(3 * args.epochs, max(args.epochs, math.ceil(args.epochs * 150 / max(1, len(sub.train)))))
         cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr, weight_decay=0.05,
                           warmup_epochs=1, progress=False, seed=seed, aug=aug)
@@ -126,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return dict(model=name, init=init, fraction=fraction, seed=seed, labels=len(sub.train), top1=r.metrics.top1,
                     trainable=trainable, total=total, peft=peft[0] if peft else None, time_s=r.train_time_s)
 
-    for kind in args.models:
+    for kind in [] if args.no_finetune else args.models:
         for fraction in args.fractions:
             for init in ["scratch", *MODELS[kind][1]]:
                 accs = []
@@ -139,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{statistics.mean(accs):6.2f} +- {sd:5.2f}  ({', '.join(f'{a:.1f}' for a in accs)})",
                       flush=True)
     if not args.no_peft and "vit" in args.models:
-        fraction, init = max(args.fractions), MODELS["vit"][1][0]
+        fraction, init = max(args.fractions), args.peft_init or MODELS["vit"][1][0]
         for peft in [None, *PEFT]:
             accs, row = [], {}
             for seed in args.seeds:

@@ -204,7 +204,7 @@ class TrAct:
                                 f"Linear, got {type(layer).__name__}")
         self.layer, self.lam = layer, lam
         self.gram: Tensor | None = None
-        self.rows = 0
+        self.rows = self.rows_seen = 0
         self._handle = layer.register_forward_pre_hook(self._record)
 
     def _record(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -231,22 +231,21 @@ class TrAct:
 
     @torch.no_grad()
     def precondition(self) -> None:
-        w = self.layer.weight
-        if w.grad is None or self.gram is None:
+        w, gram = self.layer.weight, self.gram
+        self.gram, self.rows_seen, self.rows = None, self.rows, 0
+        if w.grad is None or gram is None:  # a frozen first layer (e.g. PEFT): nothing to precondition
             return
-        gram = self.gram
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rows = torch.tensor([float(self.rows)], device=gram.device)
+            rows = torch.tensor([float(self.rows_seen)], device=gram.device)
             torch.distributed.all_reduce(gram)
             torch.distributed.all_reduce(rows)
             n = float(rows)
         else:
-            n = float(self.rows)
+            n = float(self.rows_seen)
         k = gram.shape[0]
         inv = torch.linalg.inv(gram / n + self.lam * torch.eye(k, device=gram.device, dtype=gram.dtype))
         g = w.grad.reshape(w.shape[0], -1).float() @ inv
         w.grad.copy_(g.reshape(w.shape).to(w.grad.dtype))
-        self.gram, self.rows = None, 0
 
     def remove(self) -> None:
         self._handle.remove()
