@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -318,8 +319,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             from visionzoo.weights import read, save  # the merged model: a plain checkpoint of the architecture
 
             _, meta = read(res.files["model"])
-            save(peft.merge(), res.files["model"], extra={k: str(v) for k, v in meta.items()
-                                                         if k not in ("format", "variant", "args")})
+            merged = peft.merge()
+            extra = {k: str(v) for k, v in meta.items() if k not in ("format", "variant", "args", "adapters")}
+            from visionzoo.train.peft import adapter_spec
+
+            if adapter_spec(merged):  # SPT/LSA stay recorded; LoRA is gone
+                extra["adapters"] = json.dumps(adapter_spec(merged))
+            save(merged, res.files["model"], extra=extra)
             print(f"LoRA merged into the weights of {res.files['model']}")
         if info.is_main and res.metrics is not None:
             ema = f", EMA {res.ema_metrics.top1:.2f}%" if res.ema_metrics else ""

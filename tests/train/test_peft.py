@@ -186,3 +186,36 @@ def test_train_peft_lora_cli_writes_a_merged_plain_checkpoint(tmp_path):
                  "--peft", "lora", "--rank", "2", "--tract", "0.1", "--out", str(tmp_path)]) == 0
     model, _ = load_trained(tmp_path / "model.safetensors")  # a plain vit_test, no LoRA keys
     assert not any("lora" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("spec", [{"spt": True, "lsa": True, "peft": {"method": "vqt", "prompts": 2}},
+                                  {"lsa": True, "peft": {"method": "prompt", "prompts": 3, "deep": True}},
+                                  {"peft": {"method": "lora", "rank": 2, "alpha": 2.0}}])
+def test_adapter_spec_rebuilds_the_trained_model(spec):
+    """What training records (``adapter_spec``) rebuilds a model that loads the trained state dict strictly."""
+    from visionzoo.train.peft import adapter_spec, apply_adapter_spec
+
+    a = apply_adapter_spec(_model("vit_test").eval(), spec)
+    assert adapter_spec(a) == spec
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    b = apply_adapter_spec(_model("vit_test").eval(), adapter_spec(a))
+    b.load_state_dict(a.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(a(x), b(x), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_rebuilds_a_vqt_spt_lsa_run(tmp_path):
+    from visionzoo.cli import main
+    from visionzoo.train.data import load_data
+    from visionzoo.train.evaluate import eval_checkpoint, load_trained
+    from visionzoo.train.loop import load_train_state
+
+    assert main(["train", "--model", "vit_test", "--img-size", "32", "--patch-size", "8", "--epochs", "1",
+                 "--limit-train", "64", "--limit-val", "20", "--batch-size", "32", "--no-progress", "--threads", "1",
+                 "--peft", "vqt", "--prompts", "2", "--spt", "--lsa", "--out", str(tmp_path)]) == 0
+    model, meta = load_trained(tmp_path / "model.safetensors")
+    m = eval_checkpoint(model, load_data("digits", limit_train=64, limit_val=20), meta)
+    assert m.top1 == pytest.approx(load_train_state(tmp_path / "latest.pt")["history"][-1]["val_top1"])

@@ -291,7 +291,8 @@ class _Trainer:
                 "step": self.sched.last_step, "model": self.base.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "scaler": self.scaler.state_dict() if self.scaler else None, "rng": all_gather_objects(rng_state()),
-                "history": self.history, "config": asdict(self.cfg), "tokens": _tokens_spec(self.base)}
+                "history": self.history, "config": asdict(self.cfg), "tokens": _tokens_spec(self.base),
+                "adapters": _adapter_spec(self.base)}
 
     def load(self, state: dict[str, Any]) -> None:
         name = getattr(self.base, "variant", (None,))[0]
@@ -498,6 +499,10 @@ def _finish(tr: _Trainer, out: Path) -> dict[str, str]:
     extra = train_metadata(tr.splits.classes, tr.img_size)
     if _tokens_spec(tr.base):
         extra["tokens"] = _tokens_spec(tr.base)
+    if _adapter_spec(tr.base):
+        import json
+
+        extra["adapters"] = json.dumps(_adapter_spec(tr.base))
     if getattr(tr.base, "variant", None) is not None:
         files["model"] = str(save(tr.base, out / "model.safetensors", extra=extra))
         if tr.ema is not None:
@@ -510,6 +515,13 @@ def _tokens_spec(model: nn.Module) -> str | None:
     """The token reduction applied to ``model`` (``visionzoo.tokens``), as ``--tokens`` takes it, or ``None``."""
     handle = getattr(model, "token_reduction", None)
     return None if handle is None else handle.spec
+
+
+def _adapter_spec(model: nn.Module) -> dict[str, Any] | None:
+    """The SPT/LSA/PEFT additions of ``model`` (``visionzoo.train.peft.adapter_spec``), or ``None``."""
+    from visionzoo.train.peft import adapter_spec
+
+    return adapter_spec(model)
 
 
 def train_metadata(classes: list[str], input_size: int) -> dict[str, str]:

@@ -38,8 +38,8 @@ from torch.nn.utils import parametrize
 from visionzoo.errors import ArgumentError
 from visionzoo.layers import TokenBlock
 
-__all__ = ["PEFT_METHODS", "LoRA", "PeftHandle", "PromptHook", "VQTClassifier", "VQTHook", "apply_peft",
-           "count_parameters"]
+__all__ = ["PEFT_METHODS", "LoRA", "PeftHandle", "PromptHook", "VQTClassifier", "VQTHook", "adapter_spec",
+           "apply_adapter_spec", "apply_peft", "count_parameters"]
 
 PEFT_METHODS = ("lora", "vqt", "prompt", "bitfit", "linear")
 
@@ -91,6 +91,7 @@ class PeftHandle:
         same output); other methods: nothing to merge."""
         if self.method != "lora":
             return self.model
+        self.model.peft_options = None  # a plain model again: nothing to re-apply when it is loaded
         for m in list(self.model.modules()):
             if isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight"):
                 trainable = m.parametrizations.weight.original.requires_grad
@@ -157,8 +158,8 @@ class VQTHook(nn.Module):
         allow[:, :N] = True  # every token (original and query) attends to the original tokens only
         core = block.attn_core
         prev = core.extra_bias
-        if prev is not None:
-            raise ArgumentError("vqt: the attention core already has an extra_bias (another tool's); remove it first")
+        if prev is not None and prev is not core.__dict__.get("lsa_mask"):  # LSA re-applies its own per call
+            raise ArgumentError("vqt: the attention core has another tool's extra_bias; remove it first")
         core.extra_bias = allow
         try:
             y = y + block.attn_branch(y)
@@ -253,5 +254,29 @@ def apply_peft(model: nn.Module, method: str, rank: int = 8, alpha: float | None
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     t, total = count_parameters(model)
     handle = PeftHandle(method, options, trainable, t, total, model)
-    model.peft = handle.spec
+    model.peft_options = {"method": method, **options}  # recorded next to the trained weights (adapter_spec)
     return handle
+
+
+def adapter_spec(model: nn.Module) -> dict[str, Any] | None:
+    """What ``apply_adapter_spec`` needs to rebuild ``model``'s extra parameters (SPT, LSA, PEFT), or ``None``."""
+    spec = dict(getattr(model, "small_data", None) or {})
+    if getattr(model, "peft_options", None):
+        spec["peft"] = dict(model.peft_options)
+    return spec or None
+
+
+def apply_adapter_spec(model: nn.Module, spec: dict[str, Any] | None) -> nn.Module:
+    """Re-apply a recorded ``adapter_spec`` to a freshly built model (before loading its trained weights)."""
+    if not spec:
+        return model
+    from visionzoo.train.small_data import apply_lsa, apply_spt
+
+    if spec.get("spt"):
+        apply_spt(model)
+    if spec.get("lsa"):
+        apply_lsa(model)
+    if spec.get("peft"):
+        opts = dict(spec["peft"])
+        apply_peft(model, opts.pop("method"), **opts)
+    return model

@@ -72,6 +72,7 @@ def apply_spt(model: nn.Module) -> nn.Module:
     parent, _, attr = path.rpartition(".")
     spt = ShiftedPatchTokenization(conv.in_channels, conv.out_channels, conv.kernel_size[0]).to(conv.weight.device)
     setattr(model.get_submodule(parent) if parent else model, attr, spt)
+    model.small_data = {**(getattr(model, "small_data", None) or {}), "spt": True}  # recorded with the weights
     return model
 
 
@@ -88,12 +89,22 @@ class LSATemperature(nn.Module):
         return q * (self.temperature / self.scale).to(q.dtype).view(1, -1, 1, 1)
 
 
-def _diagonal_mask(block: nn.Module, args: tuple[Tensor, ...]) -> None:
-    n = args[0].shape[1]
-    core = block.attn_core
-    bias = core.extra_bias
-    if bias is None or bias.shape[-1] != n or bias.device != args[0].device:
-        core.extra_bias = ~torch.eye(n, dtype=torch.bool, device=args[0].device)  # True = may attend
+def _diagonal_mask(attn: nn.Module, args: tuple[Tensor, ...]) -> None:
+    """Before each attention call: no token attends to itself. Another tool's boolean mask of this call's size (VQT's)
+    is combined with the diagonal; LSA's own mask of an earlier call is replaced."""
+    x = args[0]
+    n = x.shape[1]
+    core = attn.core
+    bias, own = core.extra_bias, core.__dict__.get("lsa_mask")
+    if bias is not None and bias is not own:
+        if bias.dtype != torch.bool or tuple(bias.shape) != (n, n):
+            raise ArgumentError("--lsa: the attention core has another tool's extra_bias that LSA cannot combine with")
+        core.extra_bias = bias & ~torch.eye(n, dtype=torch.bool, device=x.device)
+        return
+    if own is None or own.shape[-1] != n or own.device != x.device:
+        own = ~torch.eye(n, dtype=torch.bool, device=x.device)  # True = may attend
+        core.__dict__["lsa_mask"] = own
+    core.extra_bias = own
 
 
 def apply_lsa(model: nn.Module) -> nn.Module:
@@ -107,5 +118,6 @@ def apply_lsa(model: nn.Module) -> nn.Module:
         if core.q_quant is not None or core.extra_bias is not None:
             raise ArgumentError("--lsa: the attention core already has a query hook or an extra bias (another tool)")
         core.q_quant = LSATemperature(heads, head_dim).to(next(block.parameters()).device)
-        block.register_forward_pre_hook(_diagonal_mask)
+        attn.register_forward_pre_hook(_diagonal_mask)  # the attention's input: after any token insertion
+    model.small_data = {**(getattr(model, "small_data", None) or {}), "lsa": True}
     return model
