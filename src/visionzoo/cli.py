@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -264,6 +265,7 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202
                        weight_decay=args.weight_decay, momentum=args.momentum, layer_decay=args.layer_decay,
                        sam=args.sam, sam_rho=args.sam_rho, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
                        ema=args.ema, ema_decay=args.ema_decay, clip_grad=args.clip_grad, accum_steps=args.accum_steps,
+                       tract=getattr(args, "tract", None),
                        amp=args.amp, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
                        deterministic=not args.nondeterministic, crop_pct=args.crop_pct, workers=args.workers,
                        stop_after=args.stop_after, progress=not args.no_progress, aug=aug).validate()
@@ -286,6 +288,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             from visionzoo.weights import load_checkpoint
 
             load_checkpoint(model, args.init, strict=False)
+        if args.spt or args.lsa:
+            from visionzoo.train.small_data import apply_lsa, apply_spt
+
+            if args.spt:
+                apply_spt(model)
+            if args.lsa:
+                apply_lsa(model)
+        peft = None
+        if args.peft:
+            from visionzoo.train.peft import apply_peft
+
+            peft = apply_peft(model, args.peft, rank=args.rank, alpha=args.lora_alpha, prompts=args.prompts,
+                              deep=args.deep_prompts)
+            if info.is_main:
+                print(peft.summary())
         hooks = {}
         if args.tokens:
             from visionzoo.tokens import apply_spec
@@ -298,12 +315,52 @@ def cmd_train(args: argparse.Namespace) -> int:
             if info.is_main:
                 print(f"token reduction: {handle.spec}")
         res = fit(model, splits, cfg, args.out, resume=args.resume, dist_info=info, **hooks)
+        if peft is not None and peft.method == "lora" and info.is_main and "model" in res.files:
+            from visionzoo.weights import read, save  # the merged model: a plain checkpoint of the architecture
+
+            _, meta = read(res.files["model"])
+            merged = peft.merge()
+            extra = {k: str(v) for k, v in meta.items() if k not in ("format", "variant", "args", "adapters")}
+            from visionzoo.train.peft import adapter_spec
+
+            if adapter_spec(merged):  # SPT/LSA stay recorded; LoRA is gone
+                extra["adapters"] = json.dumps(adapter_spec(merged))
+            save(merged, res.files["model"], extra=extra)
+            print(f"LoRA merged into the weights of {res.files['model']}")
         if info.is_main and res.metrics is not None:
             ema = f", EMA {res.ema_metrics.top1:.2f}%" if res.ema_metrics else ""
             tok = f" + {args.tokens}" if args.tokens else ""
             print(f"{args.model}{tok}: val top-1 {res.metrics.top1:.2f}%, top-5 {res.metrics.top5:.2f}%{ema} "
                   f"({res.train_time_s:.0f} s); files in {args.out}: "
                   + ", ".join(Path(f).name for f in res.files.values()))
+    finally:
+        dist.cleanup()
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from visionzoo.train import dist
+    from visionzoo.train.loop import build_model, seed_everything
+    from visionzoo.train.pretrain import pretrain
+
+    cfg = _train_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = dist.setup(args.device)
+    try:
+        splits = _load_splits(args)
+        seed_everything(args.seed)
+        model = build_model(args.model, splits.num_classes, splits.in_chans, _resolve_img_size(args, splits),
+                            args.patch_size, drop_path_rate=args.drop_path, **_model_args(args.model_arg))
+        res = pretrain(model, splits, args.method, cfg, args.out, resume=args.resume, dist_info=info,
+                       mask_ratio=args.mask_ratio, mask_stride=args.mask_stride)
+        if info.is_main and res.metrics is not None:
+            acc = "" if res.metrics.top1 != res.metrics.top1 else f", rotation accuracy {res.metrics.top1:.2f}%"
+            print(f"{args.model} + {args.method}: val pretext loss {res.metrics.loss:.4f}{acc} "
+                  f"({res.train_time_s:.0f} s); files in {args.out}: "
+                  + ", ".join(Path(f).name for f in res.files.values())
+                  + (f"; fine-tune with: visionzoo train --model {args.model} --init {args.out}/backbone.safetensors"
+                     if "backbone" in res.files else ""))
     finally:
         dist.cleanup()
     return 0
@@ -751,9 +808,35 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
     s.add_argument("--tokens", default=None, metavar="METHOD:K=V,...",
                    help="train with token reduction active, e.g. tome:r=8, evit:keep=0.7, mctf:r=16,consistency=True, "
                         "slim:keep=0.5 (visionzoo.tokens; recorded in the checkpoint)")
+    g = s.add_argument_group("parameter-efficient fine-tuning and small-data recipes")
+    g.add_argument("--peft", choices=("lora", "vqt", "prompt", "bitfit", "linear"), default=None,
+                   help="freeze the backbone and train only the method's parameters and the classifier")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
+    g.add_argument("--prompts", type=int, default=10, help="prompt tokens (prompt) or query tokens per block (vqt)")
+    g.add_argument("--deep-prompts", action="store_true", help="prompt: new prompts before every block (deep VPT)")
+    g.add_argument("--tract", type=float, default=None, metavar="LAMBDA",
+                   help="TrAct: precondition the first layer's update (lambda, the paper's default 0.1)")
+    g.add_argument("--spt", action="store_true", help="Shifted Patch Tokenization (plain ViTs)")
+    g.add_argument("--lsa", action="store_true", help="Locality Self-Attention (plain ViTs)")
     _add_data_args(s)
     _add_recipe_args(s)
     s.set_defaults(func=cmd_train)
+    s = sub.add_parser("pretrain", help="self-supervised pretraining on the training images (mae, spark, rotnet, sit) "
+                       "-> OUT/backbone.safetensors for train --init", formatter_class=_DefaultsFormatter)
+    s.add_argument("--model", required=True, help="registered model name")
+    s.add_argument("--method", required=True, choices=("mae", "spark", "rotnet", "sit"),
+                   help="mae, sit: plain ViTs; spark: ConvNets and hierarchical models; rotnet: every family")
+    s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="constructor override, repeatable (e.g. depth=6)")
+    s.add_argument("--mask-ratio", type=float, default=None, help="masked fraction (mae 0.75, spark 0.6)")
+    s.add_argument("--mask-stride", type=int, default=None,
+                   help="spark: the mask cell in pixels (default: the coarsest feature stride, as SparK)")
+    s.add_argument("--resume", default=None, help="a latest.pt to continue exactly, or 'auto' for OUT/latest.pt")
+    s.add_argument("--out", default="runs/pretrain", help="folder for metrics.csv, latest.pt, backbone.safetensors")
+    _add_data_args(s)
+    _add_recipe_args(s)
+    s.set_defaults(func=cmd_pretrain)
     s = sub.add_parser("eval", help="top-1/top-5/loss, per-class accuracy and a confusion matrix of a checkpoint",
                        formatter_class=_DefaultsFormatter)
     s.add_argument("--model", default=None, help="registered name (needed when the checkpoint does not record it)")

@@ -55,6 +55,8 @@ def load_trained(path: str | Path, name: str | None = None, *, num_classes: int 
         variant, args, meta = state["variant"], state["args"], {k: state[k] for k in ("classes", "input_size")}
         if state.get("tokens"):
             meta["tokens"] = state["tokens"]
+        if state.get("adapters"):
+            meta["adapters"] = state["adapters"]
         if ema and state.get("ema") is None:
             raise ArgumentError(f"{path}: --ema asked for, but the run was trained without EMA")
         weights = state["ema"]["module"] if ema else state["model"]
@@ -65,6 +67,8 @@ def load_trained(path: str | Path, name: str | None = None, *, num_classes: int 
             meta["classes"] = json.loads(meta["classes"])
         if "input_size" in meta:
             meta["input_size"] = int(meta["input_size"])
+        if "adapters" in meta:
+            meta["adapters"] = json.loads(meta["adapters"])
     if variant is not None and name is not None and name != variant:
         raise ArgumentError(f"--model {name!r} does not match the checkpoint, which holds {variant!r}; drop --model or "
                             f"pass --model {variant}")
@@ -81,6 +85,10 @@ def load_trained(path: str | Path, name: str | None = None, *, num_classes: int 
         from visionzoo.tokens import apply_spec
 
         apply_spec(model, spec)  # before loading: token slimming adds parameters the checkpoint holds
+    if meta.get("adapters"):  # SPT/LSA/PEFT (visionzoo train --spt/--lsa/--peft) add parameters too
+        from visionzoo.train.peft import apply_adapter_spec
+
+        apply_adapter_spec(model, meta["adapters"])
     load_checkpoint(model, weights)
     return model.eval(), meta
 

@@ -28,7 +28,7 @@ from visionzoo.train.augment import AugConfig, Normalize, TrainAugment, channel_
 from visionzoo.train.data import DataSplits, make_loaders
 from visionzoo.train.dist import DistInfo, all_gather_objects, barrier
 from visionzoo.train.metrics import EvalMetrics, MetricAccumulator, plot_history, write_csv
-from visionzoo.train.optim import SAM, create_optimizer
+from visionzoo.train.optim import SAM, TrAct, create_optimizer
 from visionzoo.train.sched import CosineWarmup
 
 __all__ = ["FitResult", "ModelEma", "TrainConfig", "TrainingInterrupted", "build_model", "evaluate", "fit",
@@ -54,6 +54,7 @@ class TrainConfig:
     layer_decay: float | None = None
     sam: bool = False
     sam_rho: float = 0.05
+    tract: float | None = None  # TrAct's lambda for the first layer's update (optim.TrAct), e.g. 0.1
     warmup_epochs: float = 1.0
     min_lr: float = 1e-6
     ema: bool = False
@@ -80,6 +81,10 @@ class TrainConfig:
             raise ArgumentError(f"amp must be one of {tuple(AMP)}, got {self.amp!r}")
         if self.sam and self.accum_steps > 1:
             raise ArgumentError("sam takes two forward/backward passes per step; use it with accum_steps=1")
+        if self.tract is not None and not self.tract > 0:
+            raise ArgumentError(f"tract (TrAct's lambda) must be > 0, got {self.tract}; the paper's default is 0.1")
+        if self.tract is not None and self.sam:
+            raise ArgumentError("tract preconditions one gradient per step; use it without sam")
         if self.sam and self.amp == "fp16":
             raise ArgumentError("sam with amp='fp16' (a gradient scaler) is not supported; use amp='bf16' or 'none'")
         if self.clip_grad is not None and self.clip_grad <= 0:
@@ -249,7 +254,7 @@ class _Trainer:
             raise ArgumentError(f"the model takes in_chans={base.in_chans} but the data has {splits.in_chans} "
                                 f"channels; build the model with in_chans={splits.in_chans} or load the data with "
                                 f"in_chans={base.in_chans}")
-        if base.num_classes != splits.num_classes:
+        if base.num_classes != splits.num_classes and not getattr(base, "is_pretext", False):
             raise ArgumentError(f"the model has num_classes={base.num_classes} but the data {splits.num_classes} "
                                 f"classes; build it with num_classes={splits.num_classes}")
         self.train_loader, self.val_loader = make_loaders(
@@ -262,11 +267,14 @@ class _Trainer:
         self.ema = ModelEma(base, cfg.ema_decay) if cfg.ema else None
         if dist_info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(base, device_ids=ids)
+            # a pretext objective may leave a backbone part unused (MAE skips the final norm): it says so
+            unused = bool(getattr(base, "find_unused_parameters", False))
+            self.model = nn.parallel.DistributedDataParallel(base, device_ids=ids, find_unused_parameters=unused)
         else:
             self.model = base
         self.opt = create_optimizer(base, cfg.opt, cfg.lr, cfg.weight_decay, cfg.momentum,
                                     layer_decay=cfg.layer_decay, sam=cfg.sam, sam_rho=cfg.sam_rho)
+        self.tract = TrAct(base, cfg.tract) if cfg.tract is not None else None
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.accum_steps)
         self.sched = CosineWarmup(self.opt, cfg.epochs * self.steps_per_epoch, cfg.lr,
                                   round(cfg.warmup_epochs * self.steps_per_epoch), min(cfg.min_lr, cfg.lr))
@@ -283,7 +291,8 @@ class _Trainer:
                 "step": self.sched.last_step, "model": self.base.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "scaler": self.scaler.state_dict() if self.scaler else None, "rng": all_gather_objects(rng_state()),
-                "history": self.history, "config": asdict(self.cfg), "tokens": _tokens_spec(self.base)}
+                "history": self.history, "config": asdict(self.cfg), "tokens": _tokens_spec(self.base),
+                "adapters": _adapter_spec(self.base)}
 
     def load(self, state: dict[str, Any]) -> None:
         name = getattr(self.base, "variant", (None,))[0]
@@ -332,6 +341,8 @@ class _Trainer:
             self._clip()
             self.opt.second_step(zero_grad=True)
         else:
+            if self.tract is not None:
+                self.tract.precondition()
             self._clip()
             if self.scaler is not None:
                 self.scaler.step(self.opt)
@@ -384,6 +395,10 @@ class _Trainer:
         return evaluate(model, self.val_loader, self.splits.num_classes, mean=self.mean, std=self.std,
                         device=self.device, amp=self.cfg.amp, classes=self.splits.classes)
 
+    def finish(self, out: Path) -> dict[str, str]:
+        """The end-of-run files (a subclass, e.g. pretraining, writes its own)."""
+        return _finish(self, out)
+
     def write_epoch(self) -> None:
         state = self.state()  # every rank takes part: the RNG states are gathered
         if self.d.is_main and self.out_dir is not None:
@@ -403,7 +418,7 @@ def _progress(enabled: bool) -> Any:
 def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, out_dir: str | Path | None = None, *,
         resume: str | Path | None = None, dist_info: DistInfo | None = None,
         log: Callable[[str], None] | None = print, loss_fn: LossFn | None = None,
-        on_step: Callable[[float], None] | None = None) -> FitResult:
+        on_step: Callable[[float], None] | None = None, trainer_cls: type[_Trainer] | None = None) -> FitResult:
     """Train ``model`` on ``splits`` with ``cfg``; write ``metrics.csv``, ``latest.pt`` (every epoch) and, at the
     end, ``curves.png`` and ``model.safetensors`` (``model_ema.safetensors``) into ``out_dir`` (rank 0 only).
 
@@ -411,7 +426,8 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
     soft_targets) -> (loss, logits)`` replaces the soft-target cross-entropy (a tool's training loss, e.g. MCTF's
     token-reduction consistency; single process only); ``on_step(fraction_done)`` is called before the first step
     and after every optimiser step (a tool's schedule, e.g. EViT's keep-rate warm-up). ``visionzoo.tokens`` handles
-    provide both (``handle.training_loss``, ``handle.on_train_step``). The model must be
+    provide both (``handle.training_loss``, ``handle.on_train_step``). ``trainer_cls`` is a ``_Trainer`` subclass
+    with other steps (``visionzoo.train.pretrain`` runs its pretext objectives this way). The model must be
     built with the data's ``num_classes`` and ``in_chans``; its ``data_config`` gives the input size, mean, std,
     crop_pct and interpolation.
     """
@@ -429,7 +445,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
     running, saved = 0, None  # the epoch in progress; the epoch the latest.pt on disk holds
     try:
         seed_everything(cfg.seed + d.rank)
-        tr = _Trainer(model, splits, cfg, out, d, say, loss_fn, on_step)
+        tr = (trainer_cls or _Trainer)(model, splits, cfg, out, d, say, loss_fn, on_step)
         if resume == "auto":
             resume = out / "latest.pt" if out is not None and (out / "latest.pt").is_file() else None
         if resume is not None:
@@ -465,7 +481,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
         if metrics is None and tr.history:  # nothing left to run after a resume: report the stored model
             metrics = tr.evaluate(tr.base)
             ema_metrics = tr.evaluate(tr.ema.module) if tr.ema else None
-        files = _finish(tr, out) if d.is_main and out is not None and tr.epoch >= cfg.epochs else {}
+        files = tr.finish(out) if d.is_main and out is not None and tr.epoch >= cfg.epochs else {}
         barrier()
         return FitResult(tr.history, metrics, ema_metrics, out, train_time, files)
     except KeyboardInterrupt:
@@ -483,6 +499,10 @@ def _finish(tr: _Trainer, out: Path) -> dict[str, str]:
     extra = train_metadata(tr.splits.classes, tr.img_size)
     if _tokens_spec(tr.base):
         extra["tokens"] = _tokens_spec(tr.base)
+    if _adapter_spec(tr.base):
+        import json
+
+        extra["adapters"] = json.dumps(_adapter_spec(tr.base))
     if getattr(tr.base, "variant", None) is not None:
         files["model"] = str(save(tr.base, out / "model.safetensors", extra=extra))
         if tr.ema is not None:
@@ -495,6 +515,13 @@ def _tokens_spec(model: nn.Module) -> str | None:
     """The token reduction applied to ``model`` (``visionzoo.tokens``), as ``--tokens`` takes it, or ``None``."""
     handle = getattr(model, "token_reduction", None)
     return None if handle is None else handle.spec
+
+
+def _adapter_spec(model: nn.Module) -> dict[str, Any] | None:
+    """The SPT/LSA/PEFT additions of ``model`` (``visionzoo.train.peft.adapter_spec``), or ``None``."""
+    from visionzoo.train.peft import adapter_spec
+
+    return adapter_spec(model)
 
 
 def train_metadata(classes: list[str], input_size: int) -> dict[str, str]:

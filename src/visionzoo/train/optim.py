@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionzoo.errors import ArgumentError
 
-__all__ = ["SAM", "create_optimizer", "layer_ids", "param_groups"]
+__all__ = ["SAM", "TrAct", "create_optimizer", "layer_ids", "param_groups"]
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -175,3 +176,84 @@ def create_optimizer(model: nn.Module | Iterable[dict[str, Any]], opt: str = "ad
     else:
         base = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
     return SAM(base, sam_rho) if sam else base
+
+
+class TrAct:
+    """TrAct's first-layer update as a gradient preconditioner: ``grad_W <- grad_W (A^T A / n + lambda I)^-1``.
+
+    "TrAct: Making First-layer Pre-Activations Trainable" (Petersen et al., NeurIPS 2024,
+    https://arxiv.org/abs/2410.23970; Felix-Petersen/tract, MIT): the step on the first layer's weights is the
+    closed-form one that moves its activations (pre-activations) by the gradient step, so high-contrast images no
+    longer dominate it. ``A`` holds the layer's input patches (rows: batch x output positions; columns: the
+    ``in/groups x kh x kw`` inputs of one output, ``unfold``), gathered in training forwards since the last step;
+    ``lambda=0.1`` is the paper's default. The layer is the model contract's ``first_conv`` (a Conv2d or Linear),
+    so every family takes it. Call ``precondition()`` after the backward(s) and before the optimiser step.
+    """
+
+    def __init__(self, model: nn.Module, lam: float = 0.1) -> None:
+        if lam <= 0:
+            raise ArgumentError(f"tract: lambda must be > 0, got {lam}")
+        model = _unwrap(model)
+        path = getattr(model, "first_conv", None)
+        try:
+            layer = model.get_submodule(path) if path else None
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or (isinstance(layer, nn.Conv2d) and layer.groups != 1):
+            raise ArgumentError(f"tract: the model's first layer ({path!r}) must be a Conv2d without groups or a "
+                                f"Linear, got {type(layer).__name__}")
+        self.layer, self.lam = layer, lam
+        self.gram: Tensor | None = None
+        self.rows = self.rows_seen = 0
+        self._handle = layer.register_forward_pre_hook(self._record)
+
+    def _record(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if not (module.training and torch.is_grad_enabled()):  # training forwards only
+            return
+        with torch.no_grad():
+            self._accumulate(module, args[0].detach().float())
+
+    def _accumulate(self, module: nn.Module, x: Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            padding = module.padding
+            if module.padding_mode != "zeros":
+                x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+                padding = 0
+            elif isinstance(padding, str):
+                padding = _same_padding(module)
+            a = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (B, k, L)
+            a = a.transpose(1, 2).reshape(-1, a.shape[1])  # (B L, k)
+        else:
+            a = x.reshape(-1, x.shape[-1])
+        g = a.t() @ a
+        self.gram = g if self.gram is None else self.gram + g
+        self.rows += a.shape[0]
+
+    @torch.no_grad()
+    def precondition(self) -> None:
+        w, gram = self.layer.weight, self.gram
+        self.gram, self.rows_seen, self.rows = None, self.rows, 0
+        if w.grad is None or gram is None:  # a frozen first layer (e.g. PEFT): nothing to precondition
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rows = torch.tensor([float(self.rows_seen)], device=gram.device)
+            torch.distributed.all_reduce(gram)
+            torch.distributed.all_reduce(rows)
+            n = float(rows)
+        else:
+            n = float(self.rows_seen)
+        k = gram.shape[0]
+        inv = torch.linalg.inv(gram / n + self.lam * torch.eye(k, device=gram.device, dtype=gram.dtype))
+        g = w.grad.reshape(w.shape[0], -1).float() @ inv
+        w.grad.copy_(g.reshape(w.shape).to(w.grad.dtype))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _same_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if conv.padding == "valid":
+        return (0, 0)
+    if any(s != 1 for s in conv.stride):
+        raise ArgumentError("tract: padding='same' with a stride is not supported")
+    return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))

@@ -1,0 +1,221 @@
+"""Parameter-efficient fine-tuning (LoRA, VQT, visual prompts, BitFit, linear probe), TrAct, SPT and LSA."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import visionzoo
+from visionzoo.errors import ArgumentError
+from visionzoo.train.optim import TrAct
+from visionzoo.train.peft import apply_peft
+from visionzoo.train.small_data import ShiftedPatchTokenization, apply_lsa, apply_spt
+
+TEST_MODELS = visionzoo.list_models("*_test")
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return visionzoo.create_model(name, num_classes=10)
+
+
+def _has_linear(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) for n, m in model.named_modules() if not n.startswith("head"))
+
+
+def _expected(method: str, name: str) -> bool:
+    return {"lora": lambda n: "lora_" in n, "bitfit": lambda n: n.endswith("bias"), "linear": lambda n: False,
+            "prompt": lambda n: n.endswith("token_hook.prompts"),
+            "vqt": lambda n: n.endswith("token_hook.queries")}[method](name)
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_peft_freezes_exactly_what_it_says(name):
+    """Trainable = the method's parameters + the classifier, nothing else; one step changes only those."""
+    for method in ("lora", "bitfit", "linear", "prompt", "vqt"):
+        model = _model(name).train()
+        heads = [model.classifier] if isinstance(model.classifier, str) else list(model.classifier)
+        try:
+            h = apply_peft(model, method, rank=2, prompts=2)
+        except ArgumentError as e:
+            assert method in ("prompt", "vqt", "lora") and "use --peft" in str(e)
+            assert method != "lora" or not _has_linear(model)
+            continue
+        names = [n for n, _ in model.named_parameters()]
+        want = {n for n in names if _expected(method, n) or any(n.startswith(c + ".") for c in heads)}
+        assert set(h.trainable) == want, (method, set(h.trainable) ^ want)
+        assert h.trainable_params == sum(p.numel() for n, p in model.named_parameters() if n in want)
+        if method in ("bitfit", "linear", "lora"):  # a step moves the trainable parameters only
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+            model(torch.randn(2, 3, 64, 64)).square().mean().backward()
+            opt.step()
+            for n, p in model.named_parameters():
+                if n not in want:
+                    assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("name", [n for n in TEST_MODELS if _has_linear(_model(n))])
+def test_lora_merge_is_exact(name):
+    model = _model(name).eval()
+    keys = set(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    plain = model(x)
+    h = apply_peft(model, "lora", rank=4)
+    assert torch.allclose(model(x), plain, atol=1e-6, rtol=0)  # B = 0: training starts at the frozen model
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.05)
+    adapted = model(x)
+    assert not torch.equal(adapted, plain)  # (layer scale 1e-6 keeps the change small in ConvNeXt-like blocks)
+    h.merge()
+    assert set(model.state_dict()) == keys  # a plain model's checkpoint again
+    merged = model(x)
+    assert torch.allclose(merged, adapted, atol=1e-6, rtol=0), (merged - adapted).abs().max()
+    if name == "vit_test":
+        assert torch.equal(merged, adapted)
+
+
+@pytest.mark.parametrize("name", ["vit_test", "deit_test"])
+def test_vqt_queries_leave_the_frozen_features_unchanged(name):
+    model = _model(name).eval()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model.forward_features(x)
+    apply_peft(model, "vqt", prompts=3)
+    out = model.forward_features(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    logits = model(x)
+    assert logits.shape == (2, 10)
+    hooks = [b.token_hook for b in model.stage_modules()]
+    assert all(h.out.shape == (2, model.stage_info[-1].channels) for h in hooks)
+    logits.sum().backward()
+    assert all(h.queries.grad is not None and h.queries.grad.abs().sum() > 0 for h in hooks)
+
+
+def test_visual_prompts_shallow_and_deep():
+    model = _model("vit_test").eval()
+    depth, dim = len(model.stage_modules()), model.stage_info[-1].channels
+    shallow = apply_peft(model, "prompt", prompts=5)
+    assert shallow.trainable_params == 5 * dim + sum(p.numel() for p in model.head.fc.parameters())
+    n_tokens = []
+    model.stage_modules()[-1].register_forward_hook(lambda m, a, y: n_tokens.append(y.shape[1]))
+    out = model.forward_features(torch.randn(2, 3, 64, 64))
+    assert out.shape[1] == 1 + 16 and n_tokens == [1 + 16]  # prompts dropped after the last block
+    deep = apply_peft(_model("vit_test"), "prompt", prompts=5, deep=True)
+    assert deep.trainable_params - shallow.trainable_params == (depth - 1) * 5 * dim
+
+
+@pytest.mark.parametrize("name,method,alt", [("resnet_test", "vqt", "--peft bitfit or linear"),
+                                             ("resnet_test", "lora", "--peft bitfit or linear"),
+                                             ("convnext_test", "prompt", "--peft lora, bitfit or linear")])
+def test_peft_refusals_name_what_applies(name, method, alt):
+    with pytest.raises(ArgumentError, match=alt):
+        apply_peft(_model(name), method)
+
+
+def test_tract_matches_the_reference_update():
+    """The official implementation's own example (Felix-Petersen/tract ``tract.py``, MIT): the same weight
+    gradient of a 2->5 3x3 conv, and an unchanged bias gradient."""
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 2, 6, 4), torch.randn(30, 5, 4, 2)
+    model = nn.Module()
+    model.stem = nn.Conv2d(2, 5, 3)
+    model.first_conv = "stem"
+    tract = TrAct(model, 0.1)
+    (y - model.stem(x)).pow(2).mean().backward()
+    tract.precondition()
+    ref = torch.tensor([[-0.0501, -0.0166, 0.0214], [-0.0230, 0.0324, 0.0655], [0.0010, 0.0600, 0.0290]])
+    assert torch.allclose(model.stem.weight.grad[0, 0], ref, atol=1e-4)
+    assert torch.allclose(model.stem.bias.grad, torch.tensor([0.0052, -0.0397, 0.1093, 0.0464, -0.1079]), atol=1e-4)
+    with pytest.raises(ArgumentError, match="lambda must be > 0"):
+        TrAct(model, 0.0)
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_tract_takes_every_family(name):
+    model = _model(name).train()
+    tract = TrAct(model)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    w = model.get_submodule(model.first_conv).weight
+    g = w.grad.clone()
+    tract.precondition()
+    assert tract.rows == 0 and tract.gram is None and tract.rows_seen > 0  # consumed by the step
+    assert not torch.equal(w.grad, g)
+    tract.remove()
+
+
+def test_spt_shifts_and_replaces_the_patch_embedding():
+    spt = ShiftedPatchTokenization(1, 8, 4)
+    x = torch.arange(64.0).view(1, 1, 8, 8)
+    s = spt.shifted(x)
+    assert s.shape == (1, 5, 8, 8) and torch.equal(s[:, 0], x[:, 0])
+    assert torch.equal(s[0, 1, :6, :6], x[0, 0, 2:, 2:]) and (s[0, 1, 6:] == 0).all()  # moved up-left by p/2
+    model = _model("vit_test").eval()
+    apply_spt(model)
+    assert isinstance(model.get_submodule(model.first_conv), ShiftedPatchTokenization)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    with pytest.raises(ArgumentError, match="plain ViTs"):
+        apply_spt(_model("swin_test"))
+
+
+def test_lsa_masks_the_diagonal_and_learns_a_temperature_per_head():
+    from visionzoo.explain.attention import record_attention
+
+    model = _model("vit_test").eval()
+    apply_lsa(model)
+    x = torch.randn(2, 3, 64, 64)
+    with record_attention(model) as rec:
+        model(x)
+    assert len(rec.maps) == len(model.stage_modules())
+    for amap in rec.maps:
+        assert (amap.probs.diagonal(dim1=-2, dim2=-1) == 0).all()
+    temps = [n for n, p in model.named_parameters() if n.endswith("temperature")]
+    assert len(temps) == len(model.stage_modules())
+    with pytest.raises(ArgumentError, match="plain ViTs"):
+        apply_lsa(_model("resnet_test"))
+
+
+@pytest.mark.slow
+def test_train_peft_lora_cli_writes_a_merged_plain_checkpoint(tmp_path):
+    from visionzoo.cli import main
+    from visionzoo.train.evaluate import load_trained
+
+    assert main(["train", "--model", "vit_test", "--img-size", "32", "--patch-size", "8", "--epochs", "1",
+                 "--limit-train", "64", "--limit-val", "20", "--batch-size", "32", "--no-progress", "--threads", "1",
+                 "--peft", "lora", "--rank", "2", "--tract", "0.1", "--out", str(tmp_path)]) == 0
+    model, _ = load_trained(tmp_path / "model.safetensors")  # a plain vit_test, no LoRA keys
+    assert not any("lora" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("spec", [{"spt": True, "lsa": True, "peft": {"method": "vqt", "prompts": 2}},
+                                  {"lsa": True, "peft": {"method": "prompt", "prompts": 3, "deep": True}},
+                                  {"peft": {"method": "lora", "rank": 2, "alpha": 2.0}}])
+def test_adapter_spec_rebuilds_the_trained_model(spec):
+    """What training records (``adapter_spec``) rebuilds a model that loads the trained state dict strictly."""
+    from visionzoo.train.peft import adapter_spec, apply_adapter_spec
+
+    a = apply_adapter_spec(_model("vit_test").eval(), spec)
+    assert adapter_spec(a) == spec
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    b = apply_adapter_spec(_model("vit_test").eval(), adapter_spec(a))
+    b.load_state_dict(a.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(a(x), b(x), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_rebuilds_a_vqt_spt_lsa_run(tmp_path):
+    from visionzoo.cli import main
+    from visionzoo.train.data import load_data
+    from visionzoo.train.evaluate import eval_checkpoint, load_trained
+    from visionzoo.train.loop import load_train_state
+
+    assert main(["train", "--model", "vit_test", "--img-size", "32", "--patch-size", "8", "--epochs", "1",
+                 "--limit-train", "64", "--limit-val", "20", "--batch-size", "32", "--no-progress", "--threads", "1",
+                 "--peft", "vqt", "--prompts", "2", "--spt", "--lsa", "--out", str(tmp_path)]) == 0
+    model, meta = load_trained(tmp_path / "model.safetensors")
+    m = eval_checkpoint(model, load_data("digits", limit_train=64, limit_val=20), meta)
+    assert m.top1 == pytest.approx(load_train_state(tmp_path / "latest.pt")["history"][-1]["val_top1"])
