@@ -22,6 +22,8 @@ becomes one ``N x N`` matrix:
   are scattered back into a block-sparse matrix with the core's ``partition`` and ``shift``; rows that lost
   weight to padding tokens are re-normalised. Tokens then mix across windows only through shifted windows,
   grids or the next call, and rollout follows exactly that;
+- class attention (only the prefix tokens query all tokens; CaiT-style heads): the prefix rows as recorded,
+  identity rows for the patch tokens, which the call leaves unchanged;
 - calls whose keys are per-query sets (TransNeXt's aggregated attention: a halo plus pooled tokens) have no
   token-to-token matrix: rollout refuses them with the reason.
 
@@ -70,6 +72,11 @@ def token_matrix(amap: AttentionMap, reduction: int | None = None) -> Tensor:
     heads, Nq, Nk = probs.shape[-3:]
     probs = probs.reshape(-1, heads, Nq, Nk)
     p = amap.prefix_tokens
+    if amap.windows == 1 and Nq == p and key_grid(amap) is not None:
+        # class attention (CaiT, SpectFormer-H): only the prefix tokens query, the patch tokens pass unchanged
+        out = torch.eye(Nk).expand(probs.shape[0], heads, Nk, Nk).clone()
+        out[:, :, :p] = probs
+        return out
     if amap.windows == 1:
         if amap.self_attention:
             return probs
