@@ -11,6 +11,7 @@ attention with separate ``q`` and ``kv`` projections, through ``AttentionCore``)
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -200,3 +201,29 @@ class ClassAttentionHead(ClassifierHead):
         if self.dense_training and self.training:
             return logits, aux
         return logits + 0.5 * aux.amax(1)
+
+
+def remap_spectral_stages(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official Wave-ViT-layout keys (SpectFormer-H, SVT) -> ours.
+
+    ``patch_embed1.conv`` -> ``stem``; ``patch_embed{i}`` (``proj``, ``norm``) -> ``stages.{i-1}.downsample``;
+    ``block{i}.j`` -> ``stages.{i-1}.blocks.j``; ``norm{i}`` -> ``stages.{i-1}.norm`` (the last -> ``head.norm``);
+    ``post_network.0`` -> ``head.block``; ``head``, ``aux_head`` -> ``head.fc``, ``head.aux_fc``;
+    ``mlp.dwconv.dwconv`` -> ``mlp.dwconv``. The wavelet filter buffers of official SVT blocks (``attn.xfm.*``,
+    ``attn.ifm.*``; constants here) are dropped. Our own keys pass unchanged.
+    """
+    last = max((int(m[1]) for k in state_dict if (m := re.match(r"^norm(\d+)\.", k))), default=0)
+    out = {}
+    for k, v in state_dict.items():
+        if re.search(r"\.attn\.(xfm|ifm)\.", k):
+            continue
+        k = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", k)
+        k = re.sub(r"^aux_head\.", "head.aux_fc.", k)
+        k = re.sub(r"^post_network\.0\.", "head.block.", k)
+        k = re.sub(r"^patch_embed1\.conv\.", "stem.", k)
+        k = re.sub(r"^patch_embed(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.downsample.", k)
+        k = re.sub(r"^block(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.", k)
+        k = re.sub(r"^norm(\d)\.", lambda m: "head.norm." if int(m[1]) == last
+                   else f"stages.{int(m[1]) - 1}.norm.", k)
+        out[k.replace("mlp.dwconv.dwconv.", "mlp.dwconv.")] = v
+    return out

@@ -50,6 +50,7 @@ from visionzoo.layers import (
     drop_path_rates,
     init_linear,
     is_meta,
+    remap_spectral_stages,
     resample_abs_pos_embed,
     trace_leaf,
 )
@@ -110,23 +111,8 @@ class SpectFormer(Backbone):
 
     @staticmethod
     def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Official keys -> ours: ``patch_embed1.conv`` -> ``stem``, ``patch_embed{i}`` (its ``proj``/``norm``) ->
-        ``stages.{i-1}.downsample``, ``block{i}.j`` -> ``stages.{i-1}.blocks.j``, ``norm{i}`` -> ``stages.{i-1}.norm``
-        (the last one -> ``head.norm``), ``post_network.0`` -> ``head.block``, ``head``/``aux_head`` ->
-        ``head.fc``/``head.aux_fc``, ``mlp.dwconv.dwconv`` -> ``mlp.dwconv``. Our own keys pass unchanged."""
-        last = max((int(m[1]) for k in state_dict if (m := re.match(r"^norm(\d+)\.", k))), default=0)
-        out = {}
-        for k, v in state_dict.items():
-            k = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", k)
-            k = re.sub(r"^aux_head\.", "head.aux_fc.", k)
-            k = re.sub(r"^post_network\.0\.", "head.block.", k)
-            k = re.sub(r"^patch_embed1\.conv\.", "stem.", k)
-            k = re.sub(r"^patch_embed(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.downsample.", k)
-            k = re.sub(r"^block(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.", k)
-            k = re.sub(r"^norm(\d)\.", lambda m: "head.norm." if int(m[1]) == last
-                       else f"stages.{int(m[1]) - 1}.norm.", k)
-            out[k.replace("mlp.dwconv.dwconv.", "mlp.dwconv.")] = v
-        return out
+        """Official keys -> ours (``layers.remap_spectral_stages``); our own keys pass unchanged."""
+        return remap_spectral_stages(state_dict)
 
 
 @trace_leaf
