@@ -12,17 +12,17 @@ attention after, the paper's hybrid). ``directional_mode="seq"`` (the README's) 
 convolution in every other block. Hyena is not softmax attention; the hybrid's attention blocks are ``TokenBlock`` s
 (token reduction applies to them).
 
-No ImageNet-1k numbers: the paper and repository report CelebA, CIFAR-100, Tiny-ImageNet and other small-data
-results only, so the variants carry no top-1.
+No ImageNet-1k numbers: the paper and the repository report smaller-dataset results only (the README's command
+trains on CelebA), so the variants carry no top-1.
 
-Differs from the official code (Itamarzimm/HyenaND, Apache-2.0): only the README's operator
- (``hyena2d_filter``: one joint 2-D filter MLP; ``window_mode="standard"``;
-``directional_mode`` ``"standard"`` or ``"seq"``); the separable X/Y filters, ``parallel``/``4dir`` modes and the
-direct parameterisation are not ported. Other input sizes (the official code runs only at ``img_size``, square):
-the filter's learned positional features are interpolated linearly to the new rows and columns, the position table
-bicubically; the FFT size is ``2H x 2W`` and the scale ``1 / 2H`` (the official ``1 / 2L`` on a square grid).
-Eager runs the long convolution by FFT (zero-padded to ``2H x 2W``); while tracing (FX, torch.export, ONNX) the
-same linear convolution runs as a depthwise conv2d with the flipped kernel, exact to float rounding.
+Differs from the official code (Itamarzimm/HyenaND, Apache-2.0): only the README's operator (``hyena2d_filter``: one
+joint 2-D filter MLP; ``window_mode="standard"``; ``directional_mode`` ``"standard"`` or ``"seq"``); the separable
+X/Y filters, ``parallel``/``4dir`` modes and the direct parameterisation are not ported. Other input sizes (the
+official code runs only at ``img_size``, square): the filter's learned positional features are interpolated linearly
+to the new rows and columns, the position table bicubically; the FFT size is ``2H x 2W`` and the scale ``1 / 2H``
+(the official ``1 / 2L`` on a square grid). Eager runs the long convolution by FFT (zero-padded to ``2H x 2W``);
+while tracing (FX, torch.export, ONNX) the same linear convolution runs as a depthwise conv2d with the flipped
+kernel, exact to float rounding.
 MACs count the FFTs (5 N log2 N per complex transform, half for real).
 """
 from __future__ import annotations
@@ -309,8 +309,8 @@ def _init_weights(m: nn.Module) -> None:
     init_linear(m, std=0.02)
 
 
-_NOIN = ("no ImageNet-1k numbers in the paper or the repository (CelebA, CIFAR-100, Tiny-ImageNet and other "
-         "small-data results only); params: the official code with 1000 classes, not a paper figure")
+_NOIN = ("no ImageNet-1k numbers in the paper or the repository (smaller datasets only; the README trains on "
+         "CelebA); params: the official code with 1000 classes, not a paper figure")
 _CFG = ("official VisionTransformer (vendored timm) built as main.py --model {m} --method {method} "
         "--directional_mode seq --hyena2d_filter (the README's command; filter MLP width 64, order 2); gmacs: torch's "
         "FlopCounterMode on it at 224 with visionzoo's FFT formulas (fvcore cannot count FFTs); it includes a 1-D "

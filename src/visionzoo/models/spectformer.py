@@ -74,7 +74,6 @@ class SpectFormer(Backbone):
     takes_img_size = True
     min_input_size = 32
     input_multiple = 32
-    no_weight_decay_keys = ("complex_weight",)
 
     def __init__(self, dims: tuple[int, ...] = (64, 128, 320, 448), depths: tuple[int, ...] = (3, 4, 6, 3),
                  num_heads: tuple[int, ...] = (2, 4, 10, 14), mlp_ratios: tuple[float, ...] = (8, 8, 4, 4),
@@ -165,7 +164,7 @@ class SpectFormerViT(Backbone):
     takes_patch_size = True
     min_input_size = 16
     input_multiple = 16
-    no_weight_decay_keys = ("pos_embed", "complex_weight")
+    no_weight_decay_keys = ("pos_embed",)  # the official no_weight_decay (GFNet's)
     first_conv = "patch_embed.proj"
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,

@@ -199,7 +199,6 @@ class SVT(Backbone):
     takes_img_size = True
     min_input_size = 32
     input_multiple = 32
-    no_weight_decay_keys = ("complex_weight_ll",)
 
     def __init__(self, dims: tuple[int, ...] = (64, 128, 320, 448), depths: tuple[int, ...] = (3, 4, 6, 3),
                  num_heads: tuple[int, ...] = (2, 4, 10, 14), mlp_ratios: tuple[float, ...] = (8, 8, 4, 4),

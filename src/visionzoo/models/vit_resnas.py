@@ -185,7 +185,7 @@ class ViTResNAS(Backbone):
     takes_img_size = True
     min_input_size = 56
     input_multiple = 56
-    no_weight_decay_keys = ("pos_embed", "cls_token")
+    no_weight_decay_keys = ("cls_token",)  # the official no_weight_decay: its class token only
     first_conv = "patch_embed.conv1.conv"
 
     def __init__(self, dims: tuple[int, ...] = (176, 352, 704),
