@@ -139,6 +139,8 @@ def token_layout(amap: AttentionMap, reduction: int | None = None) -> tuple[int,
         raise ArgumentError(f"{amap.name}: the attention call did not say its query grid, and none could be inferred")
     gh, gw = amap.grid
     nW = amap.windows
+    if nW == 1 and gh * gw == 0 and key_grid(amap) is not None:  # class attention: the keys give the map
+        return (*key_grid(amap), 1, 1)
     if nW == 1:
         return gh, gw, 1, 1
     if amap.image_size is None or amap.batch is None:

@@ -11,6 +11,14 @@ from .mlp import ConvMlp, Mlp
 from .norm import FrozenBatchNorm2d, LayerNorm, LayerNorm2d, get_norm
 from .patch_embed import PatchEmbed, to_2tuple
 from .pos_embed import resample_abs_pos_embed
+from .spectral import SpectralGatingFilter, global_filter
+from .spectral_stages import (
+    ClassAttentionHead,
+    SpectralAttention,
+    SpectralStage,
+    conv_bn_relu_stem,
+    remap_spectral_stages,
+)
 from .sr_attention import SpatialReductionAttention
 from .stage import DownsampleStage
 from .token_block import TokenBlock
@@ -27,3 +35,5 @@ __all__ = [
     "init_trunc_normal", "is_meta", "is_tracing", "resample_abs_pos_embed", "to_2tuple", "trace_leaf",
     "window_partition", "window_reverse",
 ]
+__all__ += ["ClassAttentionHead", "SpectralAttention", "SpectralGatingFilter", "SpectralStage", "conv_bn_relu_stem",
+            "global_filter", "remap_spectral_stages"]
