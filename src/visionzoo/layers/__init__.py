@@ -6,6 +6,7 @@ from .conv import fold_bn, fold_bn_into_conv, fold_conv_bn_children, fuse_conv_b
 from .drop import DropPath, drop_path, drop_path_rates
 from .head import ClassifierHead
 from .init import init_linear, init_trunc_normal, is_meta
+from .linear_attention import MODEL_ATTN_TYPES, GaussianMixtureMask, SimpleRMSNorm, attn_types_per_block
 from .map_block import MapTokenBlock
 from .mlp import ConvMlp, Mlp
 from .norm import FrozenBatchNorm2d, LayerNorm, LayerNorm2d, get_norm
@@ -19,7 +20,8 @@ from .wavelet import HaarDWT, haar_dwt2d
 from .window import window_partition, window_reverse
 
 __all__ = [
-    "Attention", "AttentionCore", "ClassifierHead", "ConvMlp", "DownsampleStage", "DropPath", "FrozenBatchNorm2d",
+    "MODEL_ATTN_TYPES", "Attention", "AttentionCore", "GaussianMixtureMask", "SimpleRMSNorm",
+    "attn_types_per_block", "ClassifierHead", "ConvMlp", "DownsampleStage", "DropPath", "FrozenBatchNorm2d",
     "HaarDWT",
     "LastStageClassTokenMixin", "LayerNorm", "LayerNorm2d", "LayerType", "MapTokenBlock", "Mlp", "PatchEmbed",
     "SpatialReductionAttention", "TokenBlock", "drop_path", "drop_path_rates", "fold_bn", "fold_bn_into_conv",
