@@ -17,7 +17,15 @@ from .stage import DownsampleStage
 from .token_block import TokenBlock
 from .tracing import is_tracing, trace_leaf
 from .wavelet import HaarDWT, haar_dwt2d
-from .window import window_partition, window_reverse
+from .window import (
+    PARTITIONS,
+    block_partition,
+    block_reverse,
+    grid_partition,
+    grid_reverse,
+    window_partition,
+    window_reverse,
+)
 
 __all__ = [
     "MODEL_ATTN_TYPES", "Attention", "AttentionCore", "GaussianMixtureMask", "SimpleRMSNorm",
@@ -27,5 +35,6 @@ __all__ = [
     "SpatialReductionAttention", "TokenBlock", "drop_path", "drop_path_rates", "fold_bn", "fold_bn_into_conv",
     "fold_conv_bn_children", "fuse_conv_bn_pairs", "get_act", "get_norm", "haar_dwt2d", "init_linear",
     "init_trunc_normal", "is_meta", "is_tracing", "resample_abs_pos_embed", "to_2tuple", "trace_leaf",
-    "window_partition", "window_reverse",
+    "window_partition", "window_reverse", "PARTITIONS", "block_partition", "block_reverse", "grid_partition",
+    "grid_reverse",
 ]
