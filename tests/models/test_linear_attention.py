@@ -114,8 +114,6 @@ def test_vit_takes_attn_type(attn_type: str):
     with torch.no_grad():
         traced = torch.fx.symbolic_trace(model)
         torch.testing.assert_close(traced(x), model(x))
-        exported = torch.export.export(model, (x,))
-        torch.testing.assert_close(exported.module()(x), model(x))
     assert [f.shape[1] for f in model.forward_intermediates(x)] == [64, 64]
 
 
