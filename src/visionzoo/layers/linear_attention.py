@@ -77,26 +77,28 @@ class SimpleRMSNorm(nn.Module):
 
 @trace_leaf
 def to_chunks(q: Tensor, k: Tensor, v: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(B, h, N, d)`` q, k, v zero-padded to whole chunks, as ``(B, h, G, chunk, d)``, and the ``(G, 1, chunk)``
-    mask of the keys that exist."""
+    """``(B, h, N, d)`` q, k, v zero-padded to whole chunks, as ``(B, h * G, chunk, d)``, and the additive
+    ``(h * G, 1, chunk)`` mask of the padded keys (``-inf``; 0 for the keys that exist), in ``q``'s dtype."""
     B, h, N, d = q.shape
     pad = (-N) % chunk_size
-    valid = F.pad(torch.ones(N, dtype=torch.bool, device=q.device), (0, pad), value=False)
     G = (N + pad) // chunk_size
-    q, k, v = (F.pad(t, (0, 0, 0, pad)).reshape(B, h, G, chunk_size, d) for t in (q, k, v))  # -> (B, h, G, c, d)
-    return q, k, v, valid.reshape(G, 1, chunk_size)
+    valid = F.pad(torch.ones(N, dtype=torch.bool, device=q.device), (0, pad), value=False)
+    mask = torch.zeros(G, 1, chunk_size, dtype=q.dtype, device=q.device)
+    mask = mask.masked_fill(~valid.reshape(G, 1, chunk_size), float("-inf")).repeat(h, 1, 1)  # (h * G, 1, c)
+    q, k, v = (F.pad(t, (0, 0, 0, pad)).reshape(B, h * G, chunk_size, d) for t in (q, k, v))  # -> (B, h*G, c, d)
+    return q, k, v, mask
 
 
 def diag_attention(core: nn.Module, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, scale: float,
                    dropout_p: float = 0.0) -> Tensor:
     """Softmax attention within chunks of ``chunk_size`` consecutive tokens of ``(B, h, N, d)`` q, k, v.
 
-    Runs through ``core`` (an ``AttentionCore``) as ``(B, h, G, chunk, d)`` calls; the padded keys of the last
-    chunk are masked out."""
-    N = q.shape[2]
+    Runs through ``core`` (an ``AttentionCore``) as one ``(B, h * G, chunk, d)`` call (4-D, as SDPA exports); the
+    padded keys of the last chunk are masked out."""
+    B, h, N, d = q.shape
     qc, kc, vc, mask = to_chunks(q, k, v, chunk_size)
     out = core(qc, kc, vc, mask, scale=scale, dropout_p=dropout_p)
-    return out.flatten(2, 3)[:, :, :N]  # (B, h, G, c, d) -> (B, h, N, d)
+    return out.reshape(B, h, -1, d)[:, :, :N]  # (B, h * G, c, d) -> (B, h, N, d)
 
 
 def diag_attention_probs(core: nn.Module, q: Tensor, k: Tensor, chunk_size: int, scale: float) -> Tensor:
