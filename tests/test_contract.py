@@ -17,12 +17,17 @@ def _channels(t: torch.Tensor) -> int:
     return t.shape[1] if t.ndim == 4 else t.shape[-1]
 
 
+def _out_shape(model, x: torch.Tensor, classes: int) -> tuple[int, ...]:
+    """What ``model(x)`` must give: ``(B, classes)`` logits, or an image of ``x``'s shape (``output == "image"``)."""
+    return tuple(x.shape) if model.output == "image" else (x.shape[0], classes)
+
+
 def test_forward_backward(name, tiny_model):
     model = tiny_model(name).train()
     x = make_input(model)
     out = model(x)
-    assert out.shape == (2, 10)
-    out.logsumexp(1).mean().backward()
+    assert out.shape == _out_shape(model, x, 10)
+    (out.square() if model.output == "image" else out.logsumexp(1)).mean().backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None and not is_idle(model, n)]
     assert not no_grad, f"parameters that get no gradient: {no_grad}"
     idle_grad = [n for n, p in model.named_parameters() if is_idle(model, n) and p.grad is not None]
@@ -36,6 +41,11 @@ def test_features_and_head(name, tiny_model):
     with torch.no_grad():
         feats = model.forward_features(x)
         assert _channels(feats) == model.num_features
+        if model.output == "image":  # no head: forward_head refuses, saying why
+            assert feats.ndim == 4 and feats.shape[-2:] == x.shape[-2:]
+            with pytest.raises(ValueError, match="image-to-image"):
+                model.forward_head(feats)
+            return
         pre = model.forward_head(feats, pre_logits=True)
         assert pre.shape == (2, model.head_hidden_size)
         assert model.forward_head(feats).shape == (2, 10)
@@ -43,15 +53,17 @@ def test_features_and_head(name, tiny_model):
 
 def test_no_head(name):
     model = visionzoo.create_model(name, num_classes=0).eval()
+    x = make_input(model)
     with torch.no_grad():
-        out = model(make_input(model))
-    assert out.shape == (2, model.head_hidden_size)
+        out = model(x)
+    assert out.shape == (tuple(x.shape) if model.output == "image" else (2, model.head_hidden_size))
 
 
 def test_in_chans_1(name):
     model = visionzoo.create_model(name, num_classes=3, in_chans=1).eval()
+    x = make_input(model)
     with torch.no_grad():
-        assert model(make_input(model)).shape == (2, 3)
+        assert model(x).shape == _out_shape(model, x, 3)
 
 
 def test_feature_info_declared(name, tiny_model):
@@ -87,6 +99,10 @@ def test_bad_out_indices_raise(name):
 
 def test_reset_classifier(name, tiny_model):
     model = tiny_model(name)
+    if model.output == "image":
+        with pytest.raises(ValueError, match="no classifier head"):
+            model.reset_classifier(7)
+        return
     before = {k: v.clone() for k, v in model.state_dict().items()}
     head_keys = {k for k in before if any(k.startswith(c + ".") for c in _classifiers(model))}
     model.reset_classifier(7)
@@ -152,9 +168,15 @@ def test_input_size_rules(name, tiny_model):
     m = model.input_multiple
     _, h, w = model.data_config["input_size"]
     bigger = torch.randn(1, model.in_chans, h + m, w)
+    if model.fixed_input_size:  # the size it was built for only, and the message says how to build another
+        with pytest.raises(ValueError, match="img_size"):
+            model(bigger)
+        rebuilt = visionzoo.create_model(model.variant[0], num_classes=10, img_size=h + m)
+        assert rebuilt(torch.randn(1, model.in_chans, h + m, h + m)).shape == (1, 10)
+        return
     with torch.no_grad():
         feats = model.forward_intermediates(bigger)
-        assert model(bigger).shape == (1, 10)
+        assert model(bigger).shape == _out_shape(model, bigger, 10)
     for f, info in zip(feats, model.stage_info):
         assert abs(f.shape[-2] - math.ceil((h + m) / info.reduction)) <= 1
     if m > 1:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from visionzoo.errors import ArgumentError
 from visionzoo.layers import ClassifierHead, LayerType, fold_conv_bn_children, is_tracing
 
 
@@ -61,6 +62,16 @@ def is_idle(model: nn.Module, name: str) -> bool:
     return any(name == n or name.startswith(n + ".") for n in idle)
 
 
+def require_logits(model: nn.Module, what: str) -> None:
+    """Raise an ``ArgumentError`` (a ValueError) naming ``what`` (a tool, a method) when ``model`` gives no class
+    logits: an image-to-image model (``output == "image"``) has no classifier head."""
+    output = getattr(model, "output", "logits")
+    if output != "logits":
+        name = getattr(model, "name", type(model).__name__)
+        raise ArgumentError(f"{what}: {name} is an image-to-image model (output={output!r}); it has no classifier head "
+                         f"and gives no class logits")
+
+
 class Backbone(nn.Module):
     """Base class of every visionzoo model; see STYLE.md section 3 for the contract.
 
@@ -78,6 +89,11 @@ class Backbone(nn.Module):
         takes_img_size: the constructor takes ``img_size`` (position tables or windows built for one size);
             ``create_model`` then passes the variant's input size when the caller gives none.
         takes_patch_size: the constructor takes ``patch_size`` (training recipes set it for such families).
+        output: what ``forward`` returns: ``"logits"`` (default; a classifier head at ``self.head``) or ``"image"``
+            (an image-to-image model such as MAXIM: ``forward(x)`` is an image of ``x``'s shape, there is no head,
+            ``num_classes`` is ignored and ``reset_classifier``/``get_classifier``/``forward_head`` refuse;
+            ``forward_features`` and ``features_only`` still give NCHW maps). Tools that need logits check
+            ``require_logits``.
 
     The seams every tool uses (STYLE.md section 3): attention through ``AttentionCore``; ``stage_modules()``
     returns registered modules named by ``stage_info``; one ``ClassifierHead`` at ``self.head``; ``fuse()``
@@ -97,6 +113,8 @@ class Backbone(nn.Module):
     spiking: bool = False  # activations are hard thresholds (spikes): a small input change flips them
     takes_img_size: bool = False
     takes_patch_size: bool = False
+    fixed_input_size: bool = False  # only the size it was built for runs (token-mixing MLPs over a fixed patch count)
+    output: str = "logits"
 
     def __init__(self) -> None:
         super().__init__()
@@ -217,6 +235,7 @@ class Backbone(nn.Module):
         return outs
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        self.require_logits("forward_head")
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
@@ -224,7 +243,12 @@ class Backbone(nn.Module):
             return self.forward_intermediates(x, self.out_indices)
         return self.forward_head(self.forward_features(x))
 
+    def require_logits(self, what: str) -> None:
+        """Raise a ValueError naming ``what`` when this model gives no class logits (``output != "logits"``)."""
+        require_logits(self, what)
+
     def get_classifier(self) -> nn.Module:
+        self.require_logits("get_classifier")
         return self.head.fc
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -232,6 +256,7 @@ class Backbone(nn.Module):
         in its dtype, with the library's init; the rest of the state dict is unchanged."""
         if num_classes < 0:
             raise ValueError(f"{self.name}: num_classes must be >= 0, got {num_classes}")
+        self.require_logits("reset_classifier")
         ref = next(self.parameters(), None)
         like = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
         self.head.reset(num_classes, **like)
@@ -242,7 +267,8 @@ class Backbone(nn.Module):
         idx = resolve_indices(out_indices, len(self.stage_modules()), self.name)
         self.out_indices = idx
         self.feature_info = FeatureInfoList(self.stage_info[i] for i in idx)
-        self.reset_classifier(0)
+        if self.output == "logits":
+            self.reset_classifier(0)
 
     def idle_names(self) -> list[str]:
         """Dotted names of the submodules and parameters that the current configuration does not run (the other

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from visionzoo.backbone import require_logits
 from visionzoo.errors import ArgumentError, NotFoundError, VisionZooError
 
 
@@ -589,6 +590,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, meta, what = _trained_or_named(args.model)
+    require_logits(model, "visionzoo explain")
     classes = meta.get("classes")
     x01 = _load_image(args.image, model, args.crop_pct)
     norm = Normalized(model, model.data_config["mean"], model.data_config["std"])
@@ -661,6 +663,7 @@ def cmd_robust(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     probes = _probes(args.probes)
     model, meta, what = _trained_or_named(args.checkpoint)
+    require_logits(model, "visionzoo robust")
     splits = _load_splits(args, in_chans=model.in_chans)
     classes = meta.get("classes")
     if classes is not None and list(classes) != list(splits.classes):

@@ -18,7 +18,9 @@ def _check_layer_ids(model):
     ids, n = layer_ids(model)
     names = [k for k, _ in model.named_parameters()]
     assert set(ids) == set(names)
-    assert min(ids.values()) in (0, 1) and max(ids.values()) == n - 1  # 1: no stem outside the stages (CvT)
+    assert min(ids.values()) in (0, 1)  # 1: no stem outside the stages (CvT)
+    # the head's id is the last one; an image-to-image model (output == "image") has no head after its stages
+    assert max(ids.values()) == (n - 2 if model.output == "image" else n - 1)
     heads = [model.classifier] if isinstance(model.classifier, str) else list(model.classifier)
     for k in names:
         if any(k.startswith(h + ".") for h in heads):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from visionzoo.errors import ArgumentError
 
 from .attention import attention_maps, upsample
-from .cam import CAM_METHODS, cam, resolve_targets
+from .cam import CAM_METHODS, cam, require_logits, resolve_targets
 from .rollout import attention_rollout
 
 __all__ = ["ATTENTION_METHODS", "METHODS", "Explanation", "applicable_methods", "explain"]
@@ -33,6 +33,8 @@ class Explanation:
 
 def applicable_methods(model: nn.Module) -> tuple[str, ...]:
     """The CAMs for every model; rollout and attention maps for models with softmax attention."""
+    if getattr(model, "output", "logits") != "logits":
+        return ()  # an image-to-image model has no class logit to explain
     return METHODS if getattr(model, "has_attention", False) else CAM_METHODS
 
 
@@ -52,6 +54,7 @@ def explain(model: nn.Module, x: Tensor, method: str = "gradcam", target: int | 
     """
     if method not in METHODS:
         raise ArgumentError(f"explain: method must be one of {METHODS}, got {method!r}")
+    require_logits(model, "explain")
     if method in ATTENTION_METHODS and method not in applicable_methods(model):
         raise ArgumentError(f"{getattr(model, 'name', type(model).__name__)} has no softmax attention "
                          f"(has_attention=False), so {method!r} does not apply; use one of {CAM_METHODS}")

@@ -233,8 +233,17 @@ class StageTap(nn.Module):
             self._handle = None
 
 
+def require_logits(model: nn.Module, what: str) -> None:
+    """Refuse a model whose output is not class logits (an image-to-image model, ``output == "image"``)."""
+    if getattr(model, "output", "logits") != "logits":
+        name = getattr(model, "name", type(model).__name__)
+        raise ArgumentError(f"{what}: {name} is an image-to-image model (output={model.output!r}); it gives no class "
+                            f"logits to explain")
+
+
 def resolve_targets(model: nn.Module, logits: Tensor, target: int | Sequence[int] | Tensor | None) -> Tensor:
     """``(B,)`` class indices: the prediction when ``target`` is None, else ``target`` (checked against the head)."""
+    require_logits(model, "explain")
     B, K = logits.shape
     if target is None:
         return logits.argmax(1)
@@ -296,6 +305,7 @@ def cam(model: nn.Module, x: Tensor, method: str = "gradcam", stage: int | None 
     """
     if method not in CAM_METHODS:
         raise ArgumentError(f"cam: method must be one of {CAM_METHODS}, got {method!r}")
+    require_logits(model, "cam")
     if x.ndim != 4:
         raise ArgumentError(f"cam: x must be a (B, C, H, W) batch, got shape {tuple(x.shape)}")
     stage = default_stage(model) if stage is None else stage

@@ -6,6 +6,7 @@ from .conv import fold_bn, fold_bn_into_conv, fold_conv_bn_children, fuse_conv_b
 from .drop import DropPath, drop_path, drop_path_rates
 from .head import ClassifierHead
 from .init import init_linear, init_trunc_normal, is_meta
+from .linear_attention import MODEL_ATTN_TYPES, GaussianMixtureMask, SimpleRMSNorm, attn_types_per_block
 from .map_block import MapTokenBlock
 from .mlp import ConvMlp, Mlp
 from .norm import FrozenBatchNorm2d, LayerNorm, LayerNorm2d, get_norm
@@ -24,16 +25,26 @@ from .stage import DownsampleStage
 from .token_block import TokenBlock
 from .tracing import is_tracing, trace_leaf
 from .wavelet import HaarDWT, haar_dwt2d
-from .window import window_partition, window_reverse
+from .window import (
+    PARTITIONS,
+    block_partition,
+    block_reverse,
+    grid_partition,
+    grid_reverse,
+    window_partition,
+    window_reverse,
+)
 
 __all__ = [
-    "Attention", "AttentionCore", "ClassifierHead", "ConvMlp", "DownsampleStage", "DropPath", "FrozenBatchNorm2d",
+    "MODEL_ATTN_TYPES", "Attention", "AttentionCore", "GaussianMixtureMask", "SimpleRMSNorm",
+    "attn_types_per_block", "ClassifierHead", "ConvMlp", "DownsampleStage", "DropPath", "FrozenBatchNorm2d",
     "HaarDWT",
     "LastStageClassTokenMixin", "LayerNorm", "LayerNorm2d", "LayerType", "MapTokenBlock", "Mlp", "PatchEmbed",
     "SpatialReductionAttention", "TokenBlock", "drop_path", "drop_path_rates", "fold_bn", "fold_bn_into_conv",
     "fold_conv_bn_children", "fuse_conv_bn_pairs", "get_act", "get_norm", "haar_dwt2d", "init_linear",
     "init_trunc_normal", "is_meta", "is_tracing", "resample_abs_pos_embed", "to_2tuple", "trace_leaf",
-    "window_partition", "window_reverse",
+    "window_partition", "window_reverse", "PARTITIONS", "block_partition", "block_reverse", "grid_partition",
+    "grid_reverse",
 ]
 __all__ += ["ClassAttentionHead", "SpectralAttention", "SpectralGatingFilter", "SpectralStage", "conv_bn_relu_stem",
             "global_filter", "remap_spectral_stages"]

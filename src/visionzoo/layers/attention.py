@@ -22,6 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .act import LayerType
+from .linear_attention import (
+    LAYER_ATTN_TYPES,
+    GaussianMixtureMask,
+    SimpleRMSNorm,
+    diag_attention,
+    diag_attention_probs,
+    norm_linear_attention,
+)
 from .norm import get_norm
 from .tracing import is_tracing
 
@@ -45,6 +53,10 @@ class AttentionCore(nn.Module):
             bias that will be added (the caller's and ``extra_bias`` combined) and the resolved scale. It does not
             switch off the fused path.
         head_mask: a ``(heads,)`` tensor multiplying each head's output (0 removes a head; head importance).
+
+    ``forward``'s optional ``weight`` (broadcast to ``(..., N_q, N_k)``) multiplies the scaled logits before the bias
+    is added (a multiplicative mask such as the Gaussian mixture mask of ``linear_attention.py``); it runs the
+    explicit path.
 
     Attributes the owning module may set, for windowed calls (the leading dim is batch x windows), so that tools
     can put each window's queries back on the image:
@@ -90,24 +102,28 @@ class AttentionCore(nn.Module):
             bias = torch.zeros_like(bias, dtype=extra.dtype).masked_fill(~bias, float("-inf"))
         return _add_bias(bias, extra)
 
-    def probs(self, q: Tensor, k: Tensor, bias: Tensor | None = None, *, scale: float | None = None) -> Tensor:
-        """``softmax(q k^T * scale + bias + extra_bias)``, ``(..., N_q, N_k)``, without the values."""
-        return self._probs(q, k, self.full_bias(bias, q.dtype), q.shape[-1] ** -0.5 if scale is None else scale)
+    def probs(self, q: Tensor, k: Tensor, bias: Tensor | None = None, *, scale: float | None = None,
+              weight: Tensor | None = None) -> Tensor:
+        """``softmax(q k^T * scale (* weight) + bias + extra_bias)``, ``(..., N_q, N_k)``, without the values."""
+        return self._probs(q, k, self.full_bias(bias, q.dtype), q.shape[-1] ** -0.5 if scale is None else scale,
+                           weight)
 
-    def _probs(self, q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    def _probs(self, q: Tensor, k: Tensor, bias: Tensor | None, scale: float, weight: Tensor | None = None) -> Tensor:
         logits = (q * scale) @ k.transpose(-2, -1)  # (..., N_q, d) @ (..., d, N_k) -> (..., N_q, N_k)
+        if weight is not None:
+            logits = logits * weight
         if bias is not None:
             logits = _add_bias(logits, bias)
         return logits.softmax(dim=-1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *, scale: float | None = None,
-                dropout_p: float = 0.0, grid: tuple[int, int] | None = None) -> Tensor:
+                dropout_p: float = 0.0, grid: tuple[int, int] | None = None, weight: Tensor | None = None) -> Tensor:
         bias = self.full_bias(bias, q.dtype)
         if self.qkv_observer is not None:
             self.qkv_observer(self, q, k, v, bias, q.shape[-1] ** -0.5 if scale is None else scale)
         quant = not (self.q_quant is None and self.k_quant is None and self.v_quant is None
                      and self.probs_quant is None)
-        if self.fused and self.observer is None and not quant:
+        if self.fused and self.observer is None and not quant and weight is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
             if bias is not None and is_tracing():
                 # NOTE: on CPU, SDPA's output layout depends on the kernel it picks, and that depends on whether the
@@ -118,7 +134,7 @@ class AttentionCore(nn.Module):
             return out if self.head_mask is None else self._mask_heads(out)
         if quant:
             q, k, v = _apply(self.q_quant, q), _apply(self.k_quant, k), _apply(self.v_quant, v)
-        probs = self._probs(q, k, bias, q.shape[-1] ** -0.5 if scale is None else scale)
+        probs = self._probs(q, k, bias, q.shape[-1] ** -0.5 if scale is None else scale, weight)
         if self.observer is not None:
             self.observer(self, probs, grid)
         if self.probs_quant is not None:
@@ -161,14 +177,25 @@ class Attention(nn.Module):
         attend: in ``forward``, a function from the values of ``x`` ``(B, heads, N, d)`` to the attention output
             ``(B, heads, N, d)``, in place of ``softmax(q k^T) v`` (queries and keys are then not computed, and
             attention dropout is the function's business).
+        attn_type: the core (``linear_attention.py``): ``"softmax"`` (default), ``"diag"`` (TransNormer's
+            block-diagonal softmax over chunks of ``chunk_size`` tokens), ``"norm_linear"`` (TransNormer's
+            NormAttention, with a parameter-free RMS norm before ``proj``), ``"gmm"`` (the Gaussian mixture logit mask
+            of "RetNet viewed through convolution", ``num_kernels`` Gaussians; adds ``mask.sigma``/``mask.alpha``).
+            Only ``"softmax"`` takes token tools (``extra_bias``, ``qkv_observer``); ``"norm_linear"`` has no
+            probabilities and takes no mask.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer: LayerType = "ln",
-                 head_dim: int | None = None, prefix_tokens: int = 0) -> None:
+                 head_dim: int | None = None, prefix_tokens: int = 0, attn_type: str = "softmax",
+                 chunk_size: int = 64, num_kernels: int = 5) -> None:
         super().__init__()
         if head_dim is None and dim % num_heads != 0:
             raise ValueError(f"attention: dim {dim} must be divisible by num_heads {num_heads}")
+        if attn_type not in LAYER_ATTN_TYPES:
+            raise ValueError(f"attention: attn_type must be one of {LAYER_ATTN_TYPES}, got {attn_type!r}")
+        self.attn_type = attn_type
+        self.chunk_size = chunk_size
         self.num_heads = num_heads
         self.head_dim = head_dim or dim // num_heads
         inner = self.num_heads * self.head_dim
@@ -179,6 +206,10 @@ class Attention(nn.Module):
         self.k_norm = norm(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.core = AttentionCore(prefix_tokens)
+        if attn_type == "gmm":
+            self.mask = GaussianMixtureMask(num_heads, num_kernels)
+        if attn_type == "norm_linear":
+            self.out_norm = SimpleRMSNorm()
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -193,7 +224,15 @@ class Attention(nn.Module):
         """The probabilities ``(B, heads, N, N)`` of ``x``'s self-attention, from queries and keys alone."""
         inner = self.num_heads * self.head_dim
         q, k = self._heads(x, slice(0, 2 * inner), 2)
-        return self.core.probs(self.q_norm(q), self.k_norm(k), attn_mask, scale=self.scale)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.attn_type == "gmm":
+            weight = self.mask(x.shape[1], self.core.prefix_tokens, None, q)
+            return self.core.probs(q, k, attn_mask, scale=self.scale, weight=weight)
+        if self.attn_type == "diag":
+            return diag_attention_probs(self.core, q, k, self.chunk_size, self.scale)
+        if self.attn_type == "norm_linear":
+            raise ValueError("attention: attn_type='norm_linear' (linear attention) has no attention probabilities")
+        return self.core.probs(q, k, attn_mask, scale=self.scale)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, grid: tuple[int, int] | None = None,
                 attend: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -207,6 +246,32 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, 3, h, d) -> 3 x (B, h, N, d)
         q, k = self.q_norm(q), self.k_norm(k)
         drop = self.attn_drop.p if self.training else 0.0
-        x = self.core(q, k, v, attn_mask, scale=self.scale, dropout_p=drop, grid=grid)
+        if self.attn_type == "softmax":
+            x = self.core(q, k, v, attn_mask, scale=self.scale, dropout_p=drop, grid=grid)
+        else:
+            x = self._other_core(q, k, v, attn_mask, drop, grid)
         x = x.transpose(1, 2).reshape(B, N, -1)  # (B, h, N, d) -> (B, N, h * d)
+        if self.attn_type == "norm_linear":
+            x = self.out_norm(x)
         return self.proj_drop(self.proj(x))
+
+    def _other_core(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop: float,
+                    grid: tuple[int, int] | None) -> Tensor:
+        """The ``(B, h, N, d)`` output of a core other than softmax (``attn_type``)."""
+        core = self.core
+        if not is_tracing():
+            if core.extra_bias is not None or core.qkv_observer is not None:
+                raise ValueError(f"attention: token tools (extra_bias, qkv_observer) need attn_type='softmax', "
+                                 f"got {self.attn_type!r}")
+            if self.attn_type == "norm_linear" and (attn_mask is not None or core.observer is not None
+                                                    or core.head_mask is not None):
+                raise ValueError("attention: attn_type='norm_linear' (linear attention) takes no attn_mask and has "
+                                 "no attention probabilities to observe or heads to mask")
+            if self.attn_type == "diag" and attn_mask is not None:
+                raise ValueError("attention: attn_type='diag' takes no attn_mask")
+        if self.attn_type == "gmm":
+            weight = self.mask(q.shape[2], core.prefix_tokens, grid, q)
+            return core(q, k, v, attn_mask, scale=self.scale, dropout_p=drop, grid=grid, weight=weight)
+        if self.attn_type == "diag":
+            return diag_attention(core, q, k, v, self.chunk_size, self.scale, drop)
+        return norm_linear_attention(q, k, v)

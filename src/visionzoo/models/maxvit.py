@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo
 from visionzoo.layers import (
+    PARTITIONS,
     Attention,
     DropPath,
     LayerType,
@@ -34,8 +35,6 @@ from visionzoo.layers import (
     get_act,
     is_meta,
     trace_leaf,
-    window_partition,
-    window_reverse,
 )
 from visionzoo.registry import Paper, Variant, register_family
 
@@ -55,32 +54,6 @@ def pad_same(x: Tensor, kernel: int, stride: int) -> Tensor:
     return F.pad(x, pads) if any(pads) else x
 
 
-def grid_partition(x: Tensor, grid: tuple[int, int]) -> Tensor:
-    """``(B, H, W, C)`` -> ``(B * H/gh * W/gw, gh * gw, C)``: each group is a gh x gw grid strided over the map."""
-    B, H, W, C = x.shape
-    gh, gw = grid
-    x = x.reshape(B, gh, H // gh, gw, W // gw, C).permute(0, 2, 4, 1, 3, 5)  # -> (B, H/gh, W/gw, gh, gw, C)
-    return x.reshape(-1, gh * gw, C)
-
-
-def grid_reverse(x: Tensor, grid: tuple[int, int], H: int, W: int) -> Tensor:
-    """``(B * H/gh * W/gw, gh * gw, C)`` -> ``(B, H, W, C)``."""
-    gh, gw = grid
-    C = x.shape[-1]
-    x = x.reshape(-1, H // gh, W // gw, gh, gw, C).permute(0, 3, 1, 4, 2, 5)  # -> (B, gh, H/gh, gw, W/gw, C)
-    return x.reshape(-1, H, W, C)
-
-
-def block_partition(x: Tensor, window: tuple[int, int]) -> Tensor:
-    """``(B, H, W, C)`` -> ``(B * nW, wh * ww, C)``, non-overlapping windows."""
-    return window_partition(x, window).flatten(1, 2)  # (B * nW, wh, ww, C) -> (B * nW, N, C)
-
-
-def block_reverse(x: Tensor, window: tuple[int, int], H: int, W: int) -> Tensor:
-    return window_reverse(x.unflatten(1, window), window, H, W)  # (B * nW, N, C) -> (B, H, W, C)
-
-
-PARTITIONS = {"block": (block_partition, block_reverse), "grid": (grid_partition, grid_reverse)}
 
 
 @trace_leaf

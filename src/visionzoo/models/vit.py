@@ -34,6 +34,7 @@ from visionzoo.layers import (
     Mlp,
     PatchEmbed,
     TokenBlock,
+    attn_types_per_block,
     drop_path_rates,
     get_norm,
     init_linear,
@@ -60,11 +61,12 @@ class ViTBlock(TokenBlock):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, norm_layer: LayerType = "ln", act_layer: LayerType = "gelu",
-                 prefix_tokens: int = 1) -> None:
+                 prefix_tokens: int = 1, attn_type: str = "softmax") -> None:
         super().__init__()
         norm = get_norm(norm_layer)
         self.norm1 = norm(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, prefix_tokens=prefix_tokens)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, prefix_tokens=prefix_tokens,
+                              attn_type=attn_type)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
@@ -107,6 +109,10 @@ class VisionTransformer(Backbone):
         global_pool: ``"token"`` classifies the class token; ``"avg"`` averages the patch tokens, and then the
             final norm moves after the pooling (``head.norm``, timm's ``fc_norm``), as in timm.
         drop_rate: dropout before the classifier.
+        attn_type: the attention of the blocks (``layers.linear_attention``): ``"softmax"`` (default),
+            ``"transnormer"`` (block-diagonal softmax in the first half of the blocks, normalised linear attention
+            in the rest), ``"retnet"`` (softmax with a Gaussian mixture logit mask), or one layer type
+            (``"diag"``, ``"norm_linear"``, ``"gmm"``) for every block. Other than softmax, token tools refuse it.
     """
 
     kind = "vit"
@@ -121,8 +127,10 @@ class VisionTransformer(Backbone):
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, distilled: bool = False,
                  global_pool: str = "token", *, in_chans: int = 3, num_classes: int = 1000, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, norm_layer: LayerType = "ln", act_layer: LayerType = "gelu") -> None:
+                 drop_path_rate: float = 0.0, norm_layer: LayerType = "ln", act_layer: LayerType = "gelu",
+                 attn_type: str = "softmax") -> None:
         super().__init__()
+        attn_types = attn_types_per_block(attn_type, depth)  # raises on an unknown attn_type
         if global_pool not in POOL_TYPES:
             raise ValueError(f"vit: global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
         if distilled and global_pool != "token":
@@ -142,8 +150,9 @@ class VisionTransformer(Backbone):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
         dpr = drop_path_rates(drop_path_rate, depth)
+        self.attn_type = attn_type
         self.blocks = nn.Sequential(*[ViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_layer, act_layer,
-                                               self.num_prefix_tokens) for i in range(depth)])
+                                               self.num_prefix_tokens, attn_types[i]) for i in range(depth)])
         use_fc_norm = global_pool == "avg"
         norm = get_norm(norm_layer)
         self.norm = nn.Identity() if use_fc_norm else norm(embed_dim)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from visionzoo.backbone import require_logits
 from visionzoo.errors import DataError, NotFoundError
 from visionzoo.train.data import EvalResize, ImageDataset, _decode, _folder_items, _limit, _mode
 from visionzoo.train.metrics import EvalMetrics
@@ -76,6 +77,7 @@ def evaluate_imagenet(model: nn.Module, ds: ImageDataset, *, img_size: int, crop
                       workers: int = 0) -> EvalMetrics:
     """Top-1/top-5/loss of a 1000-class ``model`` on ``ds``, resized as timm evaluates (short side to
     ``img_size / crop_pct``, centre crop)."""
+    require_logits(model, "evaluate_imagenet")
     from visionzoo.train.augment import channel_stats
     from visionzoo.train.loop import evaluate
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from visionzoo.backbone import require_logits
 from visionzoo.errors import ArgumentError, NotFoundError, TrainingDivergedError
 from visionzoo.train.augment import AugConfig, Normalize, TrainAugment, channel_stats, soft_cross_entropy
 from visionzoo.train.data import DataSplits, make_loaders
@@ -211,6 +212,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
              std: list[float], device: str | torch.device = "cpu", amp: str = "none",
              classes: list[str] | None = None) -> EvalMetrics:
     """Top-1, top-5, loss, per-class accuracy and confusion over ``loader`` (summed across DDP ranks)."""
+    require_logits(model, "evaluate")
     model = _unwrap(model)
     was_training = model.training
     model.eval()
@@ -431,6 +433,7 @@ def fit(model: nn.Module, splits: DataSplits, cfg: TrainConfig | None = None, ou
     built with the data's ``num_classes`` and ``in_chans``; its ``data_config`` gives the input size, mean, std,
     crop_pct and interpolation.
     """
+    require_logits(model, "fit")
     cfg = (cfg or TrainConfig()).validate()
     d = dist_info or DistInfo()
     out = Path(out_dir) if out_dir is not None else None
