@@ -1,7 +1,8 @@
 """Dense prediction on any backbone: segmentation, detection and super-resolution heads (``DenseModel``)."""
 from visionzoo.heads.dense import HEADS, TASKS, DenseModel, register_head
+from visionzoo.heads.fcos import FCOSHead
 from visionzoo.heads.pyramid import SimpleFeaturePyramid, check_pyramid
 from visionzoo.heads.seg import FPNSegHead, SegFormerHead, UPerHead
 
-__all__ = ["HEADS", "TASKS", "DenseModel", "FPNSegHead", "SegFormerHead", "SimpleFeaturePyramid", "UPerHead",
+__all__ = ["HEADS", "TASKS", "DenseModel", "FCOSHead", "FPNSegHead", "SegFormerHead", "SimpleFeaturePyramid", "UPerHead",
            "check_pyramid", "register_head"]

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from visionzoo.errors import ArgumentError
+from visionzoo.heads.fcos import FCOSHead
 from visionzoo.heads.pyramid import NECKS, SimpleFeaturePyramid, check_pyramid, is_single_scale
 from visionzoo.heads.seg import FPNSegHead, SegFormerHead, UPerHead
 
@@ -26,6 +27,7 @@ HEADS: dict[str, tuple[str, type[nn.Module], int | None]] = {
     "fpn": ("seg", FPNSegHead, 8),
     "upernet": ("seg", UPerHead, 8),
     "segformer": ("seg", SegFormerHead, 8),
+    "fcos": ("det", FCOSHead, None),
 }
 
 
@@ -131,9 +133,22 @@ class DenseModel(nn.Module):
     def forward(self, x: Tensor) -> Any:
         return self.head(self.forward_features(x), x.shape[-2:])
 
+    def loss(self, output: Any, target: Any) -> Tensor:
+        """The task's training loss of ``self(x)`` against ``target``: seg, cross-entropy over ``(B, H, W)`` class
+        indices (``ignore_index`` 255); det, the head's loss over per-image ``{"boxes", "labels"}`` dicts; sr, L1
+        against the ``(B, C, H, W)`` high-resolution image."""
+        if hasattr(self.head, "loss"):
+            return self.head.loss(output, target)
+        if self.task == "seg":
+            return torch.nn.functional.cross_entropy(output, target.long(), ignore_index=255)
+        return torch.nn.functional.l1_loss(output, target)
+
     @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        """Seg: ``(B, H, W)`` class indices."""
-        if self.task != "seg":
-            raise ArgumentError(f"predict gives masks of a seg head; {self.head_name!r} is a {self.task} head")
-        return self(x).argmax(1)
+    def predict(self, x: Tensor) -> Any:
+        """Seg: ``(B, H, W)`` class indices; det: per image ``{"boxes", "scores", "labels"}``; sr: the image."""
+        out = self(x)
+        if self.task == "seg":
+            return out.argmax(1)
+        if hasattr(self.head, "postprocess"):
+            return self.head.postprocess(out)
+        return out
