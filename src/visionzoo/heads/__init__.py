@@ -4,5 +4,5 @@ from visionzoo.heads.fcos import FCOSHead
 from visionzoo.heads.pyramid import SimpleFeaturePyramid, check_pyramid
 from visionzoo.heads.seg import FPNSegHead, SegFormerHead, UPerHead
 
-__all__ = ["HEADS", "TASKS", "DenseModel", "FCOSHead", "FPNSegHead", "SegFormerHead", "SimpleFeaturePyramid", "UPerHead",
-           "check_pyramid", "register_head"]
+__all__ = ["HEADS", "TASKS", "DenseModel", "FCOSHead", "FPNSegHead", "SegFormerHead", "SimpleFeaturePyramid",
+           "UPerHead", "check_pyramid", "register_head"]
