@@ -71,3 +71,22 @@ def test_bad_arguments():
     model = DenseModel("convnext_test", "fpn", dim=16)
     with pytest.raises(ValueError, match=r"input 48x48 must be .* multiple of 32"):
         model(torch.randn(1, 3, 48, 48))
+
+
+@pytest.mark.parametrize("head", SEG_HEADS)
+def test_seg_loss_falls_on_fixed_batch(head):
+    from visionzoo.train.synthetic import localization_set
+
+    torch.manual_seed(0)
+    ds = localization_set(2, 64, seed=0)
+    x, target = ds.images.float() / 255, ds.masks().long() * (ds.labels[:, None, None] + 1)
+    model = DenseModel("resnet_test", head, num_classes=5, dim=16)
+    opt = torch.optim.AdamW(model.parameters(), 2e-3)
+    losses = []
+    for _ in range(8):
+        loss = model.loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]

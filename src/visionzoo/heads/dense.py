@@ -18,6 +18,7 @@ from visionzoo.errors import ArgumentError
 from visionzoo.heads.fcos import FCOSHead
 from visionzoo.heads.pyramid import NECKS, SimpleFeaturePyramid, check_pyramid, is_single_scale
 from visionzoo.heads.seg import FPNSegHead, SegFormerHead, UPerHead
+from visionzoo.heads.sr import ESPCNHead
 
 __all__ = ["HEADS", "TASKS", "DenseModel", "register_head"]
 
@@ -28,6 +29,7 @@ HEADS: dict[str, tuple[str, type[nn.Module], int | None]] = {
     "upernet": ("seg", UPerHead, 8),
     "segformer": ("seg", SegFormerHead, 8),
     "fcos": ("det", FCOSHead, None),
+    "espcn": ("sr", ESPCNHead, 8),
 }
 
 
@@ -52,6 +54,8 @@ class DenseModel(nn.Module):
         head: one of ``HEADS`` (``fpn``, ``upernet``, ``segformer``; ``fcos``; ``espcn``).
         task: ``seg``, ``det`` or ``sr``; defaults to the head's; given, it must match.
         num_classes: classes of a seg/det head (output channels of an SR head: the image's).
+        normalize: inputs are images in [0, 1], normalised here with the backbone's ``data_config`` mean and std
+            (an SR head adds its residual to the unnormalised image); ``False``: the caller normalises.
         neck: ``auto`` (the backbone's maps, or a simple feature pyramid when they share one stride), ``backbone``
             or ``simple``.
         dim: the head's width.
@@ -59,7 +63,8 @@ class DenseModel(nn.Module):
     """
 
     def __init__(self, backbone: str | nn.Module, head: str = "upernet", task: str | None = None, *,
-                 num_classes: int = 2, neck: str = "auto", out_indices: Sequence[int] | None = None, dim: int = 128,
+                 num_classes: int = 2, normalize: bool = True, neck: str = "auto",
+                 out_indices: Sequence[int] | None = None, dim: int = 128,
                  head_kwargs: dict[str, Any] | None = None, **backbone_kwargs: Any) -> None:
         super().__init__()
         if head not in HEADS:
@@ -96,6 +101,11 @@ class DenseModel(nn.Module):
         check_pyramid(strides, self.name, head, max_finest)
         self.strides, self.channels = list(strides), list(channels)
         self.num_classes = num_classes
+        dc = getattr(backbone, "data_config", None) or {}
+        mean, std = dc.get("mean", (0.0,) * backbone.in_chans), dc.get("std", (1.0,) * backbone.in_chans)
+        self.normalize = normalize
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.head = head_cls(self.channels, self.strides, num_classes, dim=dim, **(head_kwargs or {}))
 
     @property
@@ -128,9 +138,13 @@ class DenseModel(nn.Module):
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """The pyramid the head reads: NCHW maps at ``self.strides``."""
         self.check_input(x)
+        if self.normalize:
+            x = (x - self.mean) / self.std
         return self.neck(self.backbone(x))
 
     def forward(self, x: Tensor) -> Any:
+        if getattr(self.head, "takes_image", False):
+            return self.head(self.forward_features(x), x)
         return self.head(self.forward_features(x), x.shape[-2:])
 
     def loss(self, output: Any, target: Any) -> Tensor:
