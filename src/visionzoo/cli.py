@@ -273,6 +273,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from visionzoo.train import dist
     from visionzoo.train.loop import build_model, fit, seed_everything
 
+    if args.task != "cls":
+        return _train_dense(args)
+    if args.head is not None:
+        raise ArgumentError(f"--head {args.head} is for dense tasks; add --task seg, det or sr")
     cfg = _train_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -304,6 +308,51 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{args.model}{tok}: val top-1 {res.metrics.top1:.2f}%, top-5 {res.metrics.top5:.2f}%{ema} "
                   f"({res.train_time_s:.0f} s); files in {args.out}: "
                   + ", ".join(Path(f).name for f in res.files.values()))
+    finally:
+        dist.cleanup()
+    return 0
+
+
+def _train_dense(args: argparse.Namespace) -> int:
+    """``train --task seg|det|sr --head H``: a ``heads.DenseModel`` on shape scenes or a folder, ``fit_dense``."""
+    from visionzoo.heads import HEADS, DenseModel
+    from visionzoo.train import dist
+    from visionzoo.train.dense import MAIN_METRIC, fit_dense
+    from visionzoo.train.dense_data import load_dense_data
+    from visionzoo.train.loop import seed_everything
+
+    heads = sorted(h for h, (t, _, _) in HEADS.items() if t == args.task)
+    if args.head is None:
+        raise ArgumentError(f"--task {args.task} needs --head, one of {heads}")
+    if args.head not in heads:
+        raise ArgumentError(f"--head {args.head} is not a {args.task} head; choose one of {heads}")
+    if args.tokens:
+        raise ArgumentError("--tokens is for classification training; drop it with --task")
+    if args.img_size == "native":
+        raise ArgumentError("--img-size native is for classification; give --img-size N with --task")
+    cfg = _train_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = dist.setup(args.device)
+    try:
+        spec = "shapes" if args.data == "digits" else args.data  # the classification default means "not given"
+        train, val = load_dense_data(spec, args.task, args.img_size, args.seed, args.limit_train, args.limit_val,
+                                     args.val_split, args.sr_scale)
+        seed_everything(args.seed)
+        num_classes = {"seg": len(train.classes) + 1, "det": len(train.classes), "sr": 3}[args.task]
+        kwargs = {"drop_path_rate": args.drop_path, **_model_args(args.model_arg)}
+        model = DenseModel(args.model, args.head, num_classes=num_classes, dim=args.head_dim,
+                           head_kwargs={"scale": args.sr_scale} if args.task == "sr" else None, **kwargs)
+        if args.init:
+            from visionzoo.weights import load_checkpoint
+
+            load_checkpoint(model.backbone, args.init, strict=False)
+        res = fit_dense(model, train, val, args.task, cfg, args.out, resume=args.resume, dist_info=info)
+        if info.is_main:
+            key = MAIN_METRIC[args.task]
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items())
+            print(f"{args.model} + {args.head} ({args.task}): {shown} ({res.train_time_s:.0f} s); {key} is the main "
+                  f"metric; files in {args.out}: " + ", ".join(Path(f).name for f in res.files.values()))
     finally:
         dist.cleanup()
     return 0
@@ -748,6 +797,14 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
     s.add_argument("--init", default=None, help="start from these weights (fine-tuning; a new head is fine)")
     s.add_argument("--resume", default=None, help="a latest.pt to continue exactly, or 'auto' for OUT/latest.pt")
     s.add_argument("--out", default="runs/train", help="folder for metrics.csv, latest.pt, curves.png, weights")
+    s.add_argument("--task", choices=("cls", "seg", "det", "sr"), default="cls",
+                   help="cls: image classification; seg, det, sr: a dense head on the backbone (--head), on --data "
+                        "shapes (procedural scenes with masks and boxes) or folder:PATH (images/ + masks/ PNGs, "
+                        "images/ + COCO annotations.json, or any image folder for sr)")
+    s.add_argument("--head", default=None, choices=("fpn", "upernet", "segformer", "fcos", "espcn"),
+                   help="dense head: fpn, upernet, segformer (seg); fcos (det); espcn (sr)")
+    s.add_argument("--head-dim", type=int, default=128, help="the dense head's width")
+    s.add_argument("--sr-scale", type=int, default=2, help="super-resolution factor (--task sr)")
     s.add_argument("--tokens", default=None, metavar="METHOD:K=V,...",
                    help="train with token reduction active, e.g. tome:r=8, evit:keep=0.7, mctf:r=16,consistency=True, "
                         "slim:keep=0.5 (visionzoo.tokens; recorded in the checkpoint)")

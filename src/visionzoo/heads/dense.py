@@ -112,6 +112,9 @@ class DenseModel(nn.Module):
     def name(self) -> str:
         return getattr(self.backbone, "name", type(self.backbone).__name__)
 
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
     @property
     def input_multiple(self) -> int:
         """Every input side must be a multiple of this: the backbone's and the pyramid's coarsest stride."""

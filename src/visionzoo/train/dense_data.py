@@ -27,8 +27,8 @@ from visionzoo.errors import DataError, NotFoundError
 from visionzoo.train.data import IMG_EXTENSIONS
 from visionzoo.train.synthetic import SHAPES, _shape_mask, _texture
 
-__all__ = ["DenseDataset", "DenseSet", "read_coco", "read_seg_folder", "shapes_scenes", "sr_pairs", "write_coco",
-           "write_seg_folder"]
+__all__ = ["DenseDataset", "DenseSet", "load_dense_data", "read_coco", "read_seg_folder", "shapes_scenes", "sr_pairs",
+           "write_coco", "write_seg_folder"]
 
 
 @dataclass
@@ -288,3 +288,60 @@ class DenseDataset(Dataset):
     def collate(batch: list[tuple[Tensor, object]]) -> tuple[Tensor, object]:
         xs, ts = zip(*batch)
         return torch.stack(xs), (list(ts) if isinstance(ts[0], dict) else torch.stack(ts))
+
+
+DENSE_SOURCES = ("shapes", "folder:PATH")
+
+
+def load_dense_data(spec: str, task: str, img_size: int | None = None, seed: int = 0, limit_train: int | None = None,
+                    limit_val: int | None = None, val_split: float = 0.2, sr_scale: int = 2
+                    ) -> tuple[DenseSet, DenseSet]:
+    """Train and validation ``DenseSet`` for ``task`` from ``spec``.
+
+    ``shapes``: ``shape_scenes`` at ``img_size`` (default 128), ``limit_train`` (2000) and ``limit_val`` (500)
+    images, validation seeded ``seed + 1``; for sr, their images as ``sr_pairs`` (the input is ``img_size /
+    sr_scale``). ``folder:PATH``: ``PATH`` (or ``PATH/train`` and ``PATH/val``) as a mask folder (seg), a COCO folder
+    (det) or any image folder (sr); without a ``val`` folder, a seeded ``val_split`` of the images.
+    """
+    size = img_size or 128
+    if spec == "shapes":
+        tr = shapes_scenes(limit_train or 2000, size, seed)
+        va = shapes_scenes(limit_val or 500, size, seed + 1)
+        if task == "sr":
+            return sr_pairs(tr.images, sr_scale, size), sr_pairs(va.images, sr_scale, size)
+        return tr, va
+    if not spec.startswith("folder:") or len(spec) <= 7:
+        raise DataError(f"--data for --task {task} must be one of {', '.join(DENSE_SOURCES)}, got {spec!r}")
+    root = Path(spec[7:]).expanduser()
+    if not root.is_dir():
+        raise NotFoundError(f"--data {spec}: folder {str(root)!r} does not exist")
+
+    def read(r: Path) -> DenseSet:
+        if task == "seg":
+            return read_seg_folder(r, img_size)
+        if task == "det":
+            return read_coco(r, img_size)
+        return sr_pairs(r / "images" if (r / "images").is_dir() else r, sr_scale, size)
+
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        tr, va = read(root / "train"), read(root / "val")
+    else:
+        full = read(root)
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
+        k = max(1, round(val_split * len(full)))
+        if len(full) - k < 1:
+            raise DataError(f"--data {spec}: {len(full)} image(s) cannot be split into train and val; add images or "
+                            f"give train/ and val/ folders")
+        tr, va = _subset(full, sorted(perm[k:])), _subset(full, sorted(perm[:k]))
+    return _limit(tr, limit_train, seed), _limit(va, limit_val, seed + 1)
+
+
+def _subset(ds: DenseSet, idx: list[int]) -> DenseSet:
+    return DenseSet(ds.images[idx], None if ds.masks is None else ds.masks[idx], [ds.boxes[i] for i in idx],
+                    [ds.labels[i] for i in idx], ds.classes, None if ds.hr is None else ds.hr[idx])
+
+
+def _limit(ds: DenseSet, n: int | None, seed: int) -> DenseSet:
+    if n is None or n >= len(ds):
+        return ds
+    return _subset(ds, sorted(torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()))
