@@ -116,6 +116,10 @@ class DenseModel(nn.Module):
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     @property
+    def in_chans(self) -> int:
+        return self.backbone.in_chans
+
+    @property
     def input_multiple(self) -> int:
         """Every input side must be a multiple of this: the backbone's and the pyramid's coarsest stride."""
         return math.lcm(int(getattr(self.backbone, "input_multiple", 1)), max(self.strides))
