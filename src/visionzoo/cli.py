@@ -867,8 +867,8 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
     s.add_argument("--out", default="runs/train", help="folder for metrics.csv, latest.pt, curves.png, weights")
     s.add_argument("--task", choices=("cls", "seg", "det", "sr"), default="cls",
                    help="cls: image classification; seg, det, sr: a dense head on the backbone (--head), on --data "
-                        "shapes (procedural scenes with masks and boxes) or folder:PATH (images/ + masks/ PNGs, "
-                        "images/ + COCO annotations.json, or any image folder for sr)")
+                        "shapes (procedural scenes with masks and boxes; the default with --task) or folder:PATH "
+                        "(images/ + masks/ PNGs, images/ + COCO annotations.json, or any image folder for sr)")
     s.add_argument("--head", default=None, choices=("fpn", "upernet", "segformer", "fcos", "espcn"),
                    help="dense head: fpn, upernet, segformer (seg); fcos (det); espcn (sr)")
     s.add_argument("--head-dim", type=int, default=128, help="the dense head's width")
