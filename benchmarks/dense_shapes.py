@@ -8,6 +8,8 @@ even on a shared machine; absolute numbers depend on the load, which is printed.
 
     python benchmarks/dense_shapes.py --task seg        # the README numbers (tiny *_test backbones, 2-core CPU)
     python benchmarks/dense_shapes.py --task det
+    python benchmarks/dense_shapes.py --task seg --models convnext_test pvt_v2_test uniformer_test \
+        --n-train 480 --epochs 6 --lr 2e-3          # the shorter first run in the README
     python benchmarks/dense_shapes.py --task seg --models convnext_atto pvt_v2_b0 uniformer_small --epochs 30
 """
 from __future__ import annotations
@@ -34,14 +36,14 @@ TARGETS = {"seg": ("miou", 0.8), "det": ("map50", 0.7)}
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=("seg", "det"), required=True)
-    p.add_argument("--models", nargs="+", default=["convnext_test", "pvt_v2_test", "uniformer_test"])
+    p.add_argument("--models", nargs="+", default=["resnet_test", "pvt_v2_test", "uniformer_test"])
     p.add_argument("--img-size", type=int, default=128)
-    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--n-train", type=int, default=640)
     p.add_argument("--n-val", type=int, default=200)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/dense_shapes")
     a = p.parse_args(argv)
