@@ -23,7 +23,47 @@ def _console():
     return con if con.is_terminal else Console(width=max(con.width, 200))
 
 
+def _bench_dense(args: argparse.Namespace) -> int:
+    """``bench --task seg|det|sr --head H PATTERN...``: backbone + head at the task's usual input, interleaved."""
+    from rich.table import Table
+
+    import visionzoo
+    from visionzoo.bench.system import cpu_info
+    from visionzoo.heads import HEADS
+    from visionzoo.train.dense_compare import bench_dense
+    from visionzoo.train.metrics import write_csv
+
+    heads = sorted(h for h, (t, _, _) in HEADS.items() if t == args.task)
+    head = args.head or heads[-1 if args.task == "seg" else 0]
+    if head not in heads:
+        raise ArgumentError(f"--head {head} is not a {args.task} head; choose one of {heads}")
+    if not args.pattern:
+        raise ArgumentError(f"bench --task {args.task} needs model names or patterns")
+    names = visionzoo.list_models(args.pattern)
+    if not names:
+        raise ArgumentError(f"no model matches {' '.join(args.pattern)}; see `visionzoo list`")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bs = (args.batch_size or [1])[0]
+    rows = bench_dense(names, args.task, head, args.img_size, bs, dim=args.head_dim, budget=args.budget or 2.0)
+    size = args.img_size or {"seg": 512, "det": 640, "sr": 256}[args.task]
+    t = Table(title=f"{args.task} + {head} at {size}x{size}, batch {bs}, fp32 eager, {torch.get_num_threads()} "
+                    f"thread(s) on {cpu_info()[0]} (interleaved in one process)")
+    for c in ("model", "kind", "params (M)", "GMACs", "img/s", "ms/batch"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r.model, r.kind, f"{r.params_m:.2f}", f"{r.gmacs:.2f}",
+                  f"{r.img_per_s:.2f}" + (" (contended)" if r.contended else ""), f"{r.metrics['ms_per_batch']:.1f}")
+    _console().print(t)
+    if args.out:
+        path = write_csv([r.table_row() for r in rows], Path(args.out) / f"bench_{args.task}.csv")
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.task is not None:
+        return _bench_dense(args)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from visionzoo.bench.report import BACKEND_NOTES, output_folder, summary_lines, table, update_latest, write_all
@@ -276,6 +316,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from visionzoo.train import dist
     from visionzoo.train.loop import build_model, fit, seed_everything
 
+    if args.task != "cls":
+        return _train_dense(args)
+    if args.head is not None:
+        raise ArgumentError(f"--head {args.head} is for dense tasks; add --task seg, det or sr")
     cfg = _train_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -362,6 +406,51 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                   + ", ".join(Path(f).name for f in res.files.values())
                   + (f"; fine-tune with: visionzoo train --model {args.model} --init {args.out}/backbone.safetensors"
                      if "backbone" in res.files else ""))
+    finally:
+        dist.cleanup()
+    return 0
+
+
+def _train_dense(args: argparse.Namespace) -> int:
+    """``train --task seg|det|sr --head H``: a ``heads.DenseModel`` on shape scenes or a folder, ``fit_dense``."""
+    from visionzoo.heads import HEADS, DenseModel
+    from visionzoo.train import dist
+    from visionzoo.train.dense import MAIN_METRIC, fit_dense
+    from visionzoo.train.dense_data import load_dense_data
+    from visionzoo.train.loop import seed_everything
+
+    heads = sorted(h for h, (t, _, _) in HEADS.items() if t == args.task)
+    if args.head is None:
+        raise ArgumentError(f"--task {args.task} needs --head, one of {heads}")
+    if args.head not in heads:
+        raise ArgumentError(f"--head {args.head} is not a {args.task} head; choose one of {heads}")
+    if args.tokens:
+        raise ArgumentError("--tokens is for classification training; drop it with --task")
+    if args.img_size == "native":
+        raise ArgumentError("--img-size native is for classification; give --img-size N with --task")
+    cfg = _train_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = dist.setup(args.device)
+    try:
+        spec = "shapes" if args.data == "digits" else args.data  # the classification default means "not given"
+        train, val = load_dense_data(spec, args.task, args.img_size, args.seed, args.limit_train, args.limit_val,
+                                     args.val_split, args.sr_scale)
+        seed_everything(args.seed)
+        num_classes = {"seg": len(train.classes) + 1, "det": len(train.classes), "sr": 3}[args.task]
+        kwargs = {"drop_path_rate": args.drop_path, **_model_args(args.model_arg)}
+        model = DenseModel(args.model, args.head, num_classes=num_classes, dim=args.head_dim,
+                           head_kwargs={"scale": args.sr_scale} if args.task == "sr" else None, **kwargs)
+        if args.init:
+            from visionzoo.weights import load_checkpoint
+
+            load_checkpoint(model.backbone, args.init, strict=False)
+        res = fit_dense(model, train, val, args.task, cfg, args.out, resume=args.resume, dist_info=info)
+        if info.is_main:
+            key = MAIN_METRIC[args.task]
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items())
+            print(f"{args.model} + {args.head} ({args.task}): {shown} ({res.train_time_s:.0f} s); {key} is the main "
+                  f"metric; files in {args.out}: " + ", ".join(Path(f).name for f in res.files.values()))
     finally:
         dist.cleanup()
     return 0
@@ -521,6 +610,8 @@ def _size(s) -> str:  # noqa: ANN001
 def cmd_compare(args: argparse.Namespace) -> int:
     from visionzoo.train.compare import compare
 
+    if args.task != "cls":
+        return _compare_dense(args)
     cfg = _train_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -532,6 +623,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print((Path(args.out) / "compare.md").read_text())
     extra = ", robust.md, robust.csv, robust.png" if args.robust else ""
     print(f"wrote {args.out}/compare.csv, compare.md, compare.png{extra} ({len(rows)} model{'s' * (len(rows) != 1)})")
+    return 0
+
+
+def _compare_dense(args: argparse.Namespace) -> int:
+    from visionzoo.heads import HEADS
+    from visionzoo.train.dense_compare import compare_dense
+    from visionzoo.train.dense_data import load_dense_data
+
+    heads = sorted(h for h, (t, _, _) in HEADS.items() if t == args.task)
+    head = args.head or heads[-1 if args.task == "seg" else 0]
+    if head not in heads:
+        raise ArgumentError(f"--head {head} is not a {args.task} head; choose one of {heads}")
+    if args.robust:
+        raise ArgumentError("--robust probes classifiers; drop it with --task")
+    if args.img_size == "native":
+        raise ArgumentError("--img-size native is for classification; give --img-size N with --task")
+    cfg = _train_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = "shapes" if args.data == "digits" else args.data
+    train, val = load_dense_data(spec, args.task, args.img_size, args.seed, args.limit_train, args.limit_val,
+                                 args.val_split, args.sr_scale)
+    rows = compare_dense(args.models, args.task, head, train, val, cfg, args.out, dim=args.head_dim,
+                         budget=args.budget, sr_scale=args.sr_scale)
+    print((Path(args.out) / "compare.md").read_text())
+    print(f"wrote {args.out}/compare.csv, compare.md, compare.png ({len(rows)} model{'s' * (len(rows) != 1)})")
     return 0
 
 
@@ -808,6 +925,14 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
     s.add_argument("--init", default=None, help="start from these weights (fine-tuning; a new head is fine)")
     s.add_argument("--resume", default=None, help="a latest.pt to continue exactly, or 'auto' for OUT/latest.pt")
     s.add_argument("--out", default="runs/train", help="folder for metrics.csv, latest.pt, curves.png, weights")
+    s.add_argument("--task", choices=("cls", "seg", "det", "sr"), default="cls",
+                   help="cls: image classification; seg, det, sr: a dense head on the backbone (--head), on --data "
+                        "shapes (procedural scenes with masks and boxes; the default with --task) or folder:PATH "
+                        "(images/ + masks/ PNGs, images/ + COCO annotations.json, or any image folder for sr)")
+    s.add_argument("--head", default=None, choices=("fpn", "upernet", "segformer", "fcos", "espcn"),
+                   help="dense head: fpn, upernet, segformer (seg); fcos (det); espcn (sr)")
+    s.add_argument("--head-dim", type=int, default=128, help="the dense head's width")
+    s.add_argument("--sr-scale", type=int, default=2, help="super-resolution factor (--task sr)")
     s.add_argument("--tokens", default=None, metavar="METHOD:K=V,...",
                    help="train with token reduction active, e.g. tome:r=8, evit:keep=0.7, mctf:r=16,consistency=True, "
                         "slim:keep=0.5 (visionzoo.tokens; recorded in the checkpoint)")
@@ -866,6 +991,12 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
     s.add_argument("--probes", default="shift,patch,corrupt,pgd", help="with --robust: which probes")
     s.add_argument("--robust-images", type=int, default=256, help="with --robust: validation images probed")
     s.add_argument("--out", default="runs/compare", help="folder for compare.csv/.md/.png and each model's run")
+    s.add_argument("--task", choices=("cls", "seg", "det", "sr"), default="cls",
+                   help="seg, det, sr: every backbone with one dense head (--head) on --data shapes or folder:PATH")
+    s.add_argument("--head", default=None, choices=("fpn", "upernet", "segformer", "fcos", "espcn"),
+                   help="with --task: the head (default upernet for seg, fcos for det, espcn for sr)")
+    s.add_argument("--head-dim", type=int, default=128, help="with --task: the head's width")
+    s.add_argument("--sr-scale", type=int, default=2, help="with --task sr: the upscaling factor")
     _add_data_args(s)
     _add_recipe_args(s)
     s.set_defaults(func=cmd_compare)
@@ -934,6 +1065,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for CSV, JSON and plots (default: a new bench-results/<date-time>/ per run, with "
                         "bench-results/latest pointing to the newest run that measured something)")
     s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    s.add_argument("--task", choices=("seg", "det", "sr"), default=None,
+                   help="time backbone + a dense head (--head) at the task's usual input (seg 512, det 640, sr 256 "
+                        "px; --img-size overrides), all models interleaved in this process, fp32 eager")
+    s.add_argument("--head", default=None, choices=("fpn", "upernet", "segformer", "fcos", "espcn"),
+                   help="with --task: the head (default upernet for seg, fcos for det, espcn for sr)")
+    s.add_argument("--head-dim", type=int, default=128, help="with --task: the head's width")
     s.set_defaults(func=cmd_bench)
     s = sub.add_parser("list", help="list registered models with their official and reported numbers")
     s.add_argument("pattern", nargs="*", help="fnmatch patterns, e.g. 'convnext_*'")
