@@ -103,3 +103,19 @@ def test_any_dtype(name, dtype, tiny_model):
     assert out.dtype == dtype and out.shape == ref.shape
     tol = 1e-4 if dtype == torch.float64 else 0.15 * ref.abs().max().item() + 0.05
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=0.05 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_first_conv_is_the_first_layer_the_input_meets(name, tiny_model):
+    """``first_conv`` (used to adapt ``in_chans`` of checkpoints, by TrAct, by SPT) names the first conv or linear
+    layer the image goes through, taking the model's input channels."""
+    model = tiny_model(name)
+    first = model.get_submodule(model.first_conv)
+    assert isinstance(first, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)), type(first)
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n)) for n, m in model.named_modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
+    with torch.no_grad():
+        model(make_input(model))
+    for h in hooks:
+        h.remove()
+    assert order[0] == model.first_conv, f"the input meets {order[0]} first, first_conv says {model.first_conv}"

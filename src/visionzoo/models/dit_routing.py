@@ -112,6 +112,8 @@ class DiTRouting(Backbone):
         tau: temperature of the training-time Gumbel-sigmoid gates.
     """
 
+    first_conv = "stages.0.downsample"
+
     kind = "vit"
     has_attention = True
 

@@ -172,6 +172,11 @@ class SNNet(Backbone):
         init_linear(self.head.fc)
         self.set_stitch(stitch)
 
+    @property
+    def first_conv(self) -> str:
+        """The patch embedding of the route's first anchor."""
+        return f"anchors.{self._segments[0][0]}.patch_embed.proj"
+
     # --- stitches ---------------------------------------------------------------------------------------
     def set_stitch(self, stitch: int) -> None:
         """Run configuration ``stitch`` from now on (``feature_info``, ``num_features`` and the head follow)."""

@@ -184,6 +184,8 @@ class SpikformerV2(Backbone):
         stem: ``"scs"`` (v2 Spiking Convolutional Stem) or ``"sps"`` (v1 Spiking Patch Splitting, the official code).
     """
 
+    first_conv = "stem.proj_conv"
+
     min_input_size = 32
     input_multiple = 16
     spiking = True

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from visionzoo.backbone import require_logits
 from visionzoo.errors import ArgumentError
 from visionzoo.layers import TokenBlock
 
@@ -201,6 +202,7 @@ def apply_peft(model: nn.Module, method: str, rank: int = 8, alpha: float | None
         raise ArgumentError(f"rank must be >= 1, got {rank}")
     if prompts < 1:
         raise ArgumentError(f"prompts must be >= 1, got {prompts}")
+    require_logits(model, "peft")
     if getattr(model, "num_classes", 0) <= 0:
         raise ArgumentError("peft needs a model with a classifier (num_classes > 0)")
     if getattr(model, "token_reduction", None) is not None:

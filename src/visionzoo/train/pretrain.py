@@ -67,6 +67,9 @@ def check_method(model: nn.Module, method: str) -> None:
     if method not in METHODS:
         raise ArgumentError(f"method must be one of {METHODS}, got {method!r}")
     name = getattr(model, "name", type(model).__name__)
+    if getattr(model, "output", "logits") != "logits":
+        raise ArgumentError(f"{name} is an image-to-image model (output={model.output!r}); pretraining here builds "
+                            f"classification backbones: train it on its own task instead")
     plain = is_plain_token_model(model)
     if method in ("mae", "sit") and not plain:
         raise ArgumentError(
@@ -364,6 +367,36 @@ class SparK(PretextModel):
         self._img: tuple[int, int] = (0, 0)
         self._handles: list[Any] = []
         self._sparsify(backbone)
+        self._check_sparse()
+
+    @torch.no_grad()
+    def _check_sparse(self) -> None:
+        """Refuse a backbone whose features leak into masked cells: one probe at its input size with a random mask
+        (attention or global mixing between the re-masked layers spreads visible content, and SparK's encoder is
+        then not sparse)."""
+        bb = self.backbone
+        c, h, w = getattr(bb, "data_config", {}).get("input_size", (bb.in_chans, 64, 64))
+        step = math.lcm(self.mask_stride, getattr(bb, "input_multiple", 1))
+        h, w = -(-h // step) * step, -(-w // step) * step
+        ref = next(bb.parameters())
+        g = torch.Generator().manual_seed(0)
+        vis = (torch.rand(1, 1, h // self.mask_stride, w // self.mask_stride, generator=g) > 0.5).float()
+        vis[..., 0, 0], vis[..., -1, -1] = 1.0, 0.0
+        was = bb.training
+        bb.eval()
+        try:
+            feats = self.encode(torch.randn(1, c, h, w, generator=g).to(ref), vis.to(ref))
+            self.visible = vis.to(ref)
+            leaks = [f.shape[-1] for f in feats if ((self.vis_at(f) == 0).expand_as(f) & (f != 0)).any()]
+        finally:
+            self.visible = None
+            bb.train(was)
+        if leaks:
+            name = getattr(bb, "name", type(bb).__name__)
+            raise ArgumentError(f"{name}: --method spark needs features that stay zero at masked cells, but its "
+                                f"maps of width {leaks} carry visible content into them (attention or global mixing "
+                                f"between its conv layers); use --method rotnet"
+                                + (" or mae" if is_plain_token_model(bb) else ""))
 
     def options(self) -> dict[str, Any]:
         return dict(mask_ratio=self.mask_ratio, mask_stride=self.mask_stride)
