@@ -91,7 +91,8 @@ def test_spark_sparse_encoder_zeros_masked_positions(name):
             v = pm.vis_at(f)
             hidden = (v == 0).expand_as(f)
             assert (f[hidden] == 0).all()
-            assert hidden.any() or i >= len(feats) or pm.levels[i] > pm.mask_stride  # a pooled (1x1) conv output is visible where any cell is
+            # a pooled conv output (coarser than the mask) is visible where any of its cells is
+            assert hidden.any() or i >= len(feats) or pm.levels[i] > pm.mask_stride
             assert (f[(v == 1).expand_as(f)] != 0).any()
     finally:
         pm.visible = None

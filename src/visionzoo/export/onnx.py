@@ -52,13 +52,14 @@ def ort_runner(session):  # noqa: ANN001, ANN201
 
 
 def onnx(model: nn.Module, path: str | os.PathLike, img_size: int | None = None, batch: int | str = "dynamic",
-         opset: int | None = None, check: bool = True, optimize: bool = True, time_budget: float = 1.0
-         ) -> ExportReport:
+         opset: int | None = None, check: bool = True, optimize: bool = True, time_budget: float = 1.0,
+         program: tuple | None = None) -> ExportReport:
     """Write ``model`` as ONNX (through ``torch.export``), then run it in onnxruntime and compare with eager.
 
     ``batch``: ``"dynamic"`` (the batch dimension is symbolic) or a fixed size; ``opset``: the ONNX opset
     (the exporter's default when ``None``); ``optimize``: onnxscript's graph optimisation (constant folding,
-    fusions); ``time_budget`` seconds each for eager and onnxruntime throughput (0 skips timing).
+    fusions); ``time_budget`` seconds each for eager and onnxruntime throughput (0 skips timing); ``program``:
+    ``export_program(model, img_size, batch)``'s result when the caller has it already (not exported again).
     """
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
@@ -66,7 +67,7 @@ def onnx(model: nn.Module, path: str | os.PathLike, img_size: int | None = None,
         raise BackendUnavailable("ONNX export needs onnx and onnxscript; pip install 'visionzoo[onnx]'") from e
     import torch
 
-    ep, inputs = export_program(model, img_size, batch)
+    ep, inputs = program if program is not None else export_program(model, img_size, batch)
     name, family = _names(model)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
