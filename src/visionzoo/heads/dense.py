@@ -45,6 +45,33 @@ class _Identity(nn.Module):
         return feats
 
 
+def _pow2(s: int) -> bool:
+    return s >= 1 and not s & (s - 1)
+
+
+def _auto_neck(strides: list[int], who: str, head: str, max_finest: int | None) -> tuple[str, list[int] | None]:
+    """``neck="auto"``: the backbone's maps where a head can use them, else one map per distinct stride, else a
+    simple feature pyramid from one power-of-two map (stride 16 preferred, as ViTDet); ``(neck, maps to keep)``."""
+    if is_single_scale(strides):
+        return "simple", None
+    try:
+        check_pyramid(strides, who, head, max_finest)
+        return "backbone", None
+    except ArgumentError:
+        pass
+    last = {s: i for i, s in enumerate(strides)}
+    distinct = [last[s] for s in sorted(last)]
+    try:
+        check_pyramid([strides[i] for i in distinct], who, head, max_finest)
+        return "backbone", distinct
+    except ArgumentError:
+        pass
+    pow2 = [i for i, s in enumerate(strides) if _pow2(s)]
+    if not pow2:
+        return "backbone", None  # check_pyramid names the problem
+    return "simple", [min(pow2, key=lambda i: (abs(math.log2(strides[i]) - 4), -i))]
+
+
 class DenseModel(nn.Module):
     """A backbone (a registered name or a ``Backbone``) + a pyramid + a dense head.
 
@@ -56,8 +83,9 @@ class DenseModel(nn.Module):
         num_classes: classes of a seg/det head (output channels of an SR head: the image's).
         normalize: inputs are images in [0, 1], normalised here with the backbone's ``data_config`` mean and std
             (an SR head adds its residual to the unnormalised image); ``False``: the caller normalises.
-        neck: ``auto`` (the backbone's maps, or a simple feature pyramid when they share one stride), ``backbone``
-            or ``simple``.
+        neck: ``auto`` (the backbone's maps; one per distinct stride where strides repeat; a simple feature
+            pyramid when they share one stride or the head cannot use them, built from the power-of-two map nearest
+            stride 16), ``backbone`` or ``simple``. With ``out_indices`` given, ``auto`` keeps those maps.
         dim: the head's width.
         head_kwargs: extra arguments of the head (e.g. ``scale`` of ``espcn``).
     """
@@ -91,8 +119,14 @@ class DenseModel(nn.Module):
         self.backbone, self.task, self.head_name = backbone, head_task, head
         info = backbone.feature_info
         strides, channels = info.reduction(), info.channels()
-        if neck == "auto":
+        if neck == "auto" and out_indices is not None:  # the user's maps: a pyramid only from a single scale
             neck = "simple" if is_single_scale(strides) else "backbone"
+        if neck == "auto":
+            neck, pick = _auto_neck(strides, getattr(backbone, "name", ""), head, max_finest)
+            if pick is not None:  # a subset of the maps: one per distinct stride, or the pyramid's source map
+                backbone.set_features_only([backbone.out_indices[i] for i in pick])
+                info = backbone.feature_info
+                strides, channels = info.reduction(), info.channels()
         if neck == "simple":
             self.neck = SimpleFeaturePyramid(channels[-1], strides[-1], dim)
             strides, channels = list(self.neck.strides), list(self.neck.channels)
