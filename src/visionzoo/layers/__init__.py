@@ -17,6 +17,7 @@ from .spectral_stages import (
     ClassAttentionHead,
     SpectralAttention,
     SpectralStage,
+    build_spectral_stages,
     conv_bn_relu_stem,
     remap_spectral_stages,
 )
@@ -46,5 +47,5 @@ __all__ = [
     "window_partition", "window_reverse", "PARTITIONS", "block_partition", "block_reverse", "grid_partition",
     "grid_reverse",
 ]
-__all__ += ["ClassAttentionHead", "SpectralAttention", "SpectralGatingFilter", "SpectralStage", "conv_bn_relu_stem",
-            "global_filter", "remap_spectral_stages"]
+__all__ += ["ClassAttentionHead", "SpectralAttention", "SpectralGatingFilter", "SpectralStage", "build_spectral_stages",
+            "conv_bn_relu_stem", "global_filter", "remap_spectral_stages"]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import AttentionCore
-from .drop import DropPath
+from .drop import DropPath, drop_path_rates
 from .head import ClassifierHead
 from .norm import LayerNorm
 
@@ -120,6 +120,37 @@ class SpectralStage(nn.Module):
             x = block(x, size)
         x = self.norm(x)
         return x.transpose(1, 2).reshape(x.shape[0], -1, size[0], size[1])  # (B, N, C) -> (B, C, H, W)
+
+
+def build_spectral_stages(dims: tuple[int, ...], depths: tuple[int, ...], num_heads: tuple[int, ...],
+                          mlp_ratios: tuple[float, ...], in_dim: int, img_size: int, first: int,
+                          first_mixer: Callable[[int, tuple[int, int]], nn.Module], drop_path_rate: float,
+                          who: str) -> tuple[nn.ModuleList, list]:
+    """The four stages of the SpectFormer-H / SVT layout: the ``first`` stages mix with ``first_mixer(dim, (side,
+    side))`` (spectral gating, scattering), the others with ``SpectralAttention``; returns the stages and their
+    ``FeatureInfo`` s (strides 4 to 32)."""
+    from visionzoo.backbone import FeatureInfo
+
+    n = len(dims)
+    if not len(depths) == len(num_heads) == len(mlp_ratios) == n:
+        raise ValueError(f"{who}: dims {tuple(dims)}, depths {tuple(depths)}, num_heads {tuple(num_heads)} and "
+                         f"mlp_ratios {tuple(mlp_ratios)} need one entry per stage")
+    if img_size % 32:
+        raise ValueError(f"{who}: img_size must be a multiple of 32 (the total stride), got {img_size}")
+    dpr = drop_path_rates(drop_path_rate, tuple(depths))
+    stages, infos = [], []
+    for i, dim in enumerate(dims):
+        side = img_size // (4 * 2**i)
+        if i < first:
+            def mixer(dim: int = dim, side: int = side) -> nn.Module:
+                return first_mixer(dim, (side, side))
+        else:
+            def mixer(dim: int = dim, heads: int = num_heads[i]) -> nn.Module:
+                return SpectralAttention(dim, heads)
+        stages.append(SpectralStage(in_dim, dim, depths[i], mixer, mlp_ratios[i], dpr[i], norm=i < n - 1))
+        infos.append(FeatureInfo(dim, 4 * 2**i, f"stages.{i}"))
+        in_dim = dim
+    return nn.ModuleList(stages), infos
 
 
 class ClassAttention(nn.Module):

@@ -18,7 +18,6 @@ handle (no complex dtype). The two agree to float rounding (about 1e-6).
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -38,6 +37,7 @@ from visionzoo.layers import (
     is_tracing,
     trace_leaf,
 )
+from visionzoo.layers.spectral import dft_bases, upcast
 from visionzoo.registry import Paper, Variant, register_family
 
 __all__ = ["HorNet"]
@@ -59,41 +59,12 @@ def filter_for(weight: Tensor, x: Tensor) -> Tensor:
     return resize_filter(weight, (H, W // 2 + 1)).to(x.dtype)
 
 
-@trace_leaf
-def upcast(x: Tensor) -> Tensor:
-    """``x`` in float32 when it is half or bfloat16 (the filter runs in at least float32), else unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def fft_filter(x: Tensor, weight: Tensor) -> Tensor:
     """rfft2, times the complex filter ``weight`` ``(C, H, W//2+1, 2)``, irfft2 (both ``norm="ortho"``)."""
     H, W = x.shape[-2:]
     x = torch.fft.rfft2(x, dim=(2, 3), norm="ortho")  # (B, C, H, W) -> (B, C, H, W//2+1), complex
     x = x * torch.view_as_complex(weight.contiguous())  # (C, H, W//2+1, 2) -> (C, H, W//2+1), complex
     return torch.fft.irfft2(x, s=(H, W), dim=(2, 3), norm="ortho")
-
-
-@trace_leaf
-def dft_bases(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Real DFT matrices for the size of ``x`` ``(B, C, H, W)``, in its dtype and on its device.
-
-    ``cos_h, sin_h`` ``(H, H)``: the DFT along H. ``cos_w, sin_w`` ``(W, W//2+1)``: the rfft along W. ``icos_w,
-    isin_w`` ``(W//2+1, W)``: the irfft along W, each bin weighted by how often it occurs in the full spectrum (bin
-    0 and, for even W, bin W/2 once, the others twice for their conjugate mirror), times both ortho scales 1/(H W).
-    """
-    H, W = x.shape[-2:]
-
-    def cos_sin(n: int, rows: int, cols: int) -> tuple[Tensor, Tensor]:
-        r = torch.arange(rows, device=x.device)
-        c = torch.arange(cols, device=x.device)
-        angle = (r[:, None] * c[None, :] % n).to(x.dtype) * (2 * math.pi / n)  # exact phase, reduced mod n
-        return angle.cos(), angle.sin()
-
-    cos_h, sin_h = cos_sin(H, H, H)
-    cos_w, sin_w = cos_sin(W, W, W // 2 + 1)
-    k = torch.arange(W // 2 + 1, device=x.device)
-    count = (2 - (k == 0).to(torch.int64) - (2 * k == W).to(torch.int64)).to(x.dtype) / (H * W)
-    return cos_h, sin_h, cos_w, sin_w, cos_w.T * count[:, None], sin_w.T * count[:, None]
 
 
 def dft_filter(x: Tensor, weight: Tensor) -> Tensor:

@@ -30,13 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visionzoo.backbone import Backbone, FeatureInfo
+from visionzoo.backbone import Backbone
 from visionzoo.layers import (
     ClassAttentionHead,
-    SpectralAttention,
-    SpectralStage,
+    build_spectral_stages,
     conv_bn_relu_stem,
-    drop_path_rates,
     init_linear,
     is_meta,
     remap_spectral_stages,
@@ -206,28 +204,10 @@ class SVT(Backbone):
                  in_chans: int = 3, num_classes: int = 1000, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        n = len(dims)
-        if not len(depths) == len(num_heads) == len(mlp_ratios) == n:
-            raise ValueError(f"svt: dims {tuple(dims)}, depths {tuple(depths)}, num_heads {tuple(num_heads)} "
-                             f"and mlp_ratios {tuple(mlp_ratios)} need one entry per stage")
-        if img_size % 32:
-            raise ValueError(f"svt: img_size must be a multiple of 32 (the total stride), got {img_size}")
         self.in_chans = in_chans
         self.stem = conv_bn_relu_stem(in_chans, stem_hidden)
-        dpr = drop_path_rates(drop_path_rate, tuple(depths))
-        stages, infos, in_dim = [], [], stem_hidden
-        for i, dim in enumerate(dims):
-            side = img_size // (4 * 2**i)
-            if i < scatter_stages:
-                def mixer(dim: int = dim, side: int = side) -> nn.Module:
-                    return SVTScatter(dim, (side, side))
-            else:
-                def mixer(dim: int = dim, heads: int = num_heads[i]) -> nn.Module:
-                    return SpectralAttention(dim, heads)
-            stages.append(SpectralStage(in_dim, dim, depths[i], mixer, mlp_ratios[i], dpr[i], norm=i < n - 1))
-            infos.append(FeatureInfo(dim, 4 * 2**i, f"stages.{i}"))
-            in_dim = dim
-        self.stages = nn.ModuleList(stages)
+        self.stages, infos = build_spectral_stages(dims, depths, num_heads, mlp_ratios, stem_hidden, img_size,
+                                                   scatter_stages, SVTScatter, drop_path_rate, "svt")
         self.set_feature_info(infos)
         head = ClassAttentionHead(dims[-1], num_classes, num_heads[-1], mlp_ratios[-1], drop_rate, aux=token_label)
         self.init_head(dims[-1], num_classes, head=head)
