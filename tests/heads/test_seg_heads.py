@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dense_cases import input_sides, usable
 
 import visionzoo
 from visionzoo.errors import ArgumentError
@@ -11,33 +12,16 @@ from visionzoo.heads import HEADS, DenseModel, SimpleFeaturePyramid
 SEG_HEADS = sorted(h for h, (task, _, _) in HEADS.items() if task == "seg")
 
 
-def _usable(name: str, head: str, **kw):  # noqa: ANN202
-    """The DenseModel, or None after checking the clear refusal for a backbone with no power-of-two stride."""
-    strides = visionzoo.create_model(name, features_only=True).feature_info.reduction()
-    try:
-        return DenseModel(name, head, **kw).eval()
-    except ArgumentError as e:  # only for a backbone with no power-of-two stride (CrossViT's 18, ViT-ResNAS's 14)
-        assert not any(s & (s - 1) == 0 for s in strides) and "power" in str(e), str(e)
-        return None
-
-
-def _sides(model) -> tuple[int, ...]:  # noqa: ANN001
-    """Two input sides, or the one a fixed-size backbone (NiNformer) takes."""
-    if getattr(model.backbone, "fixed_input_size", False):
-        return (model.backbone.data_config["input_size"][-1],)
-    return (max(64, model.min_input_size), max(64, model.min_input_size) + model.input_multiple)
-
-
 @pytest.mark.parametrize("head", SEG_HEADS)
 @pytest.mark.parametrize("name", visionzoo.list_models("*_test"))
 def test_seg_head_shapes_two_sizes(name, head):
     torch.manual_seed(0)
-    model = _usable(name, head, num_classes=3, dim=16)
+    model = usable(name, head, num_classes=3, dim=16)
     if model is None:
         return
     assert model.task == "seg"
     assert all(b > a for a, b in zip(model.strides, model.strides[1:])) and model.strides[0] <= 8
-    sides = _sides(model)
+    sides = input_sides(model)
     m = model.input_multiple if len(sides) > 1 else 0
     for side in sides:
         with torch.no_grad():
