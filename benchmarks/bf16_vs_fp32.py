@@ -18,17 +18,13 @@ bf16 there.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}  # = bench.system's
-# as visionzoo bench measures: idle OpenMP threads sleep (spinning collapses on a shared machine), and freed memory
-# is kept (glibc reads these at start-up, so the script restarts itself once with them)
-if any(os.environ.get(k) != v for k, v in MALLOC_KEEP.items()) and "--malloc-inherit" not in sys.argv:
-    os.execve(sys.executable, [sys.executable, *sys.argv], {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **MALLOC_KEEP})
-sys.argv = [a for a in sys.argv if a != "--malloc-inherit"]
+from _process import POLICIES, policy_label, restart_with_settings
+
+restart_with_settings()  # malloc keeps freed memory; OpenMP waits as --omp-wait-policy says (see _process.py)
 
 import torch  # noqa: E402
 
@@ -119,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None, help="a trained checkpoint instead of training one")
     p.add_argument("--out", default=None, help="where training writes (default: a temporary folder)")
     p.add_argument("--skip", choices=("agreement", "speed"), default=None)
+    p.add_argument("--omp-wait-policy", choices=POLICIES, default="default",
+                   help="how torch's idle OpenMP threads wait (see benchmarks/_process.py)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     name, flags = cpu_info()
-    print(f"CPU: {name} ({' '.join(flags)}); {args.threads} thread(s); "
+    print(f"CPU: {name} ({' '.join(flags)}); {args.threads} thread(s); {policy_label()}; "
           + ", ".join(f"{k} {v.split('-')[0]}" for k, v in versions().items()))
     if not has_bf16():
         print("this CPU has no bf16 hardware: visionzoo.deploy refuses dtype='bf16' here (bf16 would be emulated)")

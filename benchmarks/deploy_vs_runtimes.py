@@ -5,14 +5,19 @@
 
 For each model and batch size, ``visionzoo.deploy(backend="auto", cache=False)`` builds every backend (eager,
 eager_tuned, inductor, onnxruntime, openvino), checks each against eager fp32 (1e-4 relative) and times them
-interleaved (A, B, C, ..., A, B, C, ...; medians) for ``--budget`` seconds. From those medians it prints:
+interleaved (A A A, B B B, ..., A A A, ...; medians) for ``--budget`` seconds. From those medians it prints:
 
 - torch-native / onnxruntime: the best of eager, eager_tuned and inductor over onnxruntime (target >= 1.0);
 - auto / max(onnxruntime, openvino): deploy's choice over the faster exported runtime (target >= 1.0);
 - eager_tuned / eager: what the per-CPU Linear kernel and fuse() give over the model as given (>= 1.0).
 
-Every line names the CPU, threads and versions. On a shared machine the ratios are the numbers to read (each
-pair was measured interleaved); absolute img/s are not.
+Every line names the CPU, threads, the OpenMP wait policy and versions. On a shared machine the ratios are the
+numbers to read (each pair was measured interleaved); absolute img/s are not.
+
+Each candidate is timed in blocks (``deploy.time_interleaved``): a runtime's threads spin for a while after its
+call, so the call after a switch is not counted. ``--omp-wait-policy`` sets how torch's idle OpenMP threads wait
+(``benchmarks/_process.py``). On an AMD EPYC, 2 threads, quiet machine, ``passive`` cost torch 20-40% at batch 1
+(eager_tuned: DeiT-S 18.3 -> 14.7 img/s, ResNet-50 22.7 -> 13.6).
 """
 from __future__ import annotations
 
@@ -21,12 +26,9 @@ import os
 import sys
 import time
 
-MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}  # = bench.system's
-# as visionzoo bench measures: idle OpenMP threads sleep (spinning collapses on a shared machine), and freed memory
-# is kept (glibc reads these at start-up, so the script restarts itself once with them)
-if any(os.environ.get(k) != v for k, v in MALLOC_KEEP.items()) and "--malloc-inherit" not in sys.argv:
-    os.execve(sys.executable, [sys.executable, *sys.argv], {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **MALLOC_KEEP})
-sys.argv = [a for a in sys.argv if a != "--malloc-inherit"]
+from _process import POLICIES, policy_label, restart_with_settings
+
+restart_with_settings()  # malloc keeps freed memory; OpenMP waits as --omp-wait-policy says (see _process.py)
 
 import torch  # noqa: E402
 
@@ -50,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=10.0, help="seconds of interleaved timing per model and batch")
     p.add_argument("--no-inductor", action="store_true", help="skip torch.compile (minutes per model)")
+    p.add_argument("--omp-wait-policy", choices=POLICIES, default="default",
+                   help="how torch's idle OpenMP threads wait (see benchmarks/_process.py)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cands = tuple(b for b in BACKENDS if not (args.no_inductor and b == "inductor"))
     name, flags = cpu_info()
-    print(f"CPU: {name} ({' '.join(flags)}); {args.threads} thread(s); "
+    print(f"CPU: {name} ({' '.join(flags)}); {args.threads} thread(s); {policy_label()}; "
           + ", ".join(f"{k} {v.split('-')[0]}" for k, v in versions().items()))
     missing = {b: why for b in cands if (why := unavailable(b, "fp32"))}
     for b, why in missing.items():

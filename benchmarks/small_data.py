@@ -63,8 +63,12 @@ def stratified(splits: DataSplits, fraction: float, seed: int) -> DataSplits:
                       splits.image_size, splits.name)
 
 
+VIT_ARCH: dict = {}  # --vit-arch: constructor overrides of the ViT (width, depth, heads)
+
+
 def model_for(name: str, splits: DataSplits, size: int, patch: int) -> torch.nn.Module:
-    return build_model(name, splits.num_classes, splits.in_chans, size, patch_size=patch)
+    extra = VIT_ARCH if name == MODELS["vit"][0] else {}
+    return build_model(name, splits.num_classes, splits.in_chans, size, patch_size=patch, **extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-finetune", action="store_true", help="skip scratch vs pretrained (PEFT only)")
     p.add_argument("--peft-init", default=None, help="the ViT pretraining method PEFT starts from (default: the first)")
     p.add_argument("--lora-rank", type=int, default=2)
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA's alpha (default: the rank, scaling 1)")
+    p.add_argument("--peft-methods", nargs="+", default=[m for m, _ in PEFT], choices=[m for m, _ in PEFT],
+                   help="the PEFT methods to compare with full fine-tuning")
+    p.add_argument("--vit-arch", default="", help="ViT overrides, e.g. embed_dim=192,depth=4,num_heads=3 (the "
+                   "default is vit_test's own: width 64, depth 2)")
     p.add_argument("--peft-lr", type=float, default=3e-3)
     p.add_argument("--reuse", action="store_true", help="reuse backbones a previous run left in runs/bench_small_data")
     p.add_argument("--threads", type=int, default=1)
@@ -94,12 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     pre_cfg = TrainConfig(epochs=args.pretrain_epochs, batch_size=64, lr=1.5e-3, weight_decay=0.05, warmup_epochs=1,
                           progress=False, aug=AugConfig(scale=(0.6, 1.0), hflip=0.0, smoothing=0.0))
     work = Path("runs/bench_small_data")
-    PEFT[0] = ("lora", dict(rank=args.lora_rank))
+    PEFT[0] = ("lora", dict(rank=args.lora_rank, **({} if args.lora_alpha is None else {"alpha": args.lora_alpha})))
+    VIT_ARCH.update({k: int(v) for k, v in (kv.split("=") for kv in args.vit_arch.split(",") if kv)})
+    work = work / ("vit_" + args.vit_arch.replace(",", "_").replace("=", "") if VIT_ARCH else "")
     results: dict = {"cpu": cpu_model(), "config": vars(args), "pretrain": {}, "finetune": [], "peft": []}
     backbones: dict[tuple[str, str], Path] = {}
     t0 = time.perf_counter()
     for kind in args.models:
         name, methods = MODELS[kind]
+        if args.no_finetune:  # PEFT only: just the backbone it starts from
+            methods = [args.peft_init or methods[0]] if kind == "vit" and not args.no_peft else []
         for method in methods:
             torch.manual_seed(0)
             out = work / f"{name}_{method}"
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     if not args.no_peft and "vit" in args.models:
         fraction, init = max(args.fractions), args.peft_init or MODELS["vit"][1][0]
-        for peft in [None, *PEFT]:
+        for peft in [None, *(m for m in PEFT if m[0] in args.peft_methods)]:
             accs, row = [], {}
             for seed in args.seeds:
                 row = finetune("vit", init, fraction, seed, peft)

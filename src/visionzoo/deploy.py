@@ -6,11 +6,11 @@
 
 ``backend="auto"`` builds every backend that can run here (``visionzoo.runtime.backends``: eager, eager_tuned,
 inductor, onnxruntime, openvino), checks each against eager fp32 on the example input, times the ones that
-agree (interleaved, A, B, C, A, B, C, ...; medians), and keeps the fastest. fp32 candidates must agree within
-``tol`` (default 1e-4, relative: max |diff| over max |eager|); precision is lowered only when ``dtype`` asks
-for it, and then the record gives the agreement with fp32 (relative difference, top-1 agreement on the example
-batch). bf16 is refused where the CPU has no bf16 hardware, or where it measures slower than fp32 (the message
-gives the ratio).
+agree (interleaved in blocks, A A A, B B B, C C C, A A A, ...; medians), and keeps the fastest. fp32 candidates
+must agree within ``tol`` (default 1e-4, relative: max |diff| over max |eager|); precision is lowered only when
+``dtype`` asks for it, and then the record gives the agreement with fp32 (relative difference, top-1 agreement on
+the example batch). bf16 is refused where the CPU has no bf16 hardware, or where it measures slower than fp32 (the
+message gives the ratio).
 
 The choice is cached per CPU model, torch version, threads, model, input shape and dtype (``deploy.json`` under
 ``VISIONZOO_CACHE``, default ``~/.cache/visionzoo``): the next call builds only the chosen backend and checks it
@@ -139,18 +139,26 @@ def _agreement(out: Tensor, ref: Tensor) -> tuple[float, float | None]:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], budget: float, min_rounds: int = 3,
-                     max_rounds: int = 50) -> dict[str, float]:
-    """Median seconds per call of each function, called in turn (A, B, C, A, B, C, ...) for about ``budget``
-    seconds in all, after one warm-up call each."""
+                     max_rounds: int = 50, block: int = 3, gap: float = 0.02) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turn in blocks (A A A, B B B, C C C, A A A, ...) for about
+    ``budget`` seconds in all, after one warm-up call each.
+
+    Each block starts after ``gap`` seconds idle and its first call is not counted: runtimes keep their worker
+    threads spinning for a while after a call (OpenMP for torch, onnxruntime's and OpenVINO's own pools), so the
+    first call after another runtime's competes with that runtime's spinning threads for the cores and wakes its own
+    pool. Counting it would charge one runtime for another's threads."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     t_end = time.perf_counter() + budget
     for i in range(max_rounds):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            time.sleep(gap)
+            for j in range(max(block, 2)):
+                t0 = time.perf_counter()
+                fn()
+                if j:
+                    times[k].append(time.perf_counter() - t0)
         if i + 1 >= min_rounds and time.perf_counter() > t_end:
             break
     return {k: sorted(v)[(len(v) - 1) // 2] for k, v in times.items()}
@@ -319,6 +327,9 @@ def _kernel_stamp(dtype: str, shared: B.Shared) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             k = shared.kernels.get(dt, {}).get(op) or kernel_choice(op, dt, cache_dir=shared.cache_dir)
             out[op] = dict(kernel=k.kernel, speedup=k.speedup, dtype=k.dtype, source=k.source)
+    if dt in shared.attention:
+        a = shared.attention[dt]
+        out["attention"] = dict(matmul_cores=a.explicit, sdpa_cores=a.fused, cases=a.cases, source="measured")
     return out
 
 

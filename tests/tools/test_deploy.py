@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import importlib
 import sys
+import time
 
 import pytest
 import torch
@@ -199,7 +200,19 @@ def test_time_interleaved_gives_a_median_per_function():
     calls = []
     out = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, budget=0.0)
     assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
-    assert calls[:2] == ["a", "b"] and calls[2:6] == ["a", "b", "a", "b"]  # warm-up, then interleaved
+    assert calls[:2] == ["a", "b"] and calls[2:8] == ["a"] * 3 + ["b"] * 3  # warm-up, then interleaved in blocks
+
+
+def test_time_interleaved_does_not_count_the_call_after_a_switch():
+    """The first call after another function ran pays for that one's spinning threads; it is not counted."""
+    last = []
+
+    def slow_after_switch(me: str) -> None:
+        if last and last[-1] != me:
+            time.sleep(0.03)
+        last.append(me)
+    out = time_interleaved({"a": lambda: slow_after_switch("a"), "b": lambda: slow_after_switch("b")}, budget=0.0)
+    assert max(out.values()) < 0.01
 
 
 # --- unavailable backends ------------------------------------------------------------------------------------
@@ -301,6 +314,51 @@ def test_fast_kernels_onednn_match_eager_and_keep_the_state_dict(model_x):
     with torch.no_grad():
         lin = next(m for m in fast.modules() if isinstance(m, L.OneDNNLinear))
         assert lin(torch.ones(2, lin.in_features)).abs().max().item() == 0
+
+
+@pytest.mark.skipif(not L.onednn_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
+def test_mlp_activation_becomes_a_onednn_post_op(act):
+    from visionzoo.layers import Mlp
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(Mlp(32, 96, act_layer=act)).eval()
+    fast = L.fast_kernels(mlp, kernels="onednn")
+    assert fast[0].fc1.post_op == act.split("_")[0] and isinstance(fast[0].act, torch.nn.Identity)
+    assert fast[0].fc1.algorithm == {"gelu": "none", "gelu_tanh": "tanh", "relu": ""}[act]
+    x = torch.randn(5, 7, 32)
+    with torch.no_grad():
+        assert (fast(x) - mlp(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("faster", ["matmul", "sdpa"])
+def test_attention_kernel_follows_the_measurement(faster, monkeypatch):
+    """Every attention core of the model is timed on its own inputs; the faster kernel is kept, and the outputs
+    do not change."""
+    from visionzoo.layers import AttentionCore
+    from visionzoo.runtime import attention as A
+
+    model = visionzoo.create_model("swin_test").eval()  # windows with a mask bias, and several shapes
+    x = make_input(model, batch=2)
+    with torch.no_grad():
+        ref = model(x)
+    monkeypatch.setattr(A, "_best_ms", lambda fns, *a: {"sdpa": 1.0, "matmul": 1.0} | {faster: 0.5})
+    choice = A.tune_attention(model, x)
+    cores = [m for m in model.modules() if isinstance(m, AttentionCore)]
+    assert len({c["shape"] for c in choice.cases}) > 1 and any("+bias" in c["shape"] for c in choice.cases)
+    assert choice.explicit + choice.fused == len(cores) == sum(c["cores"] for c in choice.cases)
+    assert all(c.fused == (faster == "sdpa") for c in cores)
+    assert all(c.qkv_observer is None for c in cores)  # the recording hook is gone
+    with torch.no_grad():
+        assert (model(x) - ref).abs().max().item() <= 1e-5
+
+
+def test_eager_tuned_records_its_attention_choice():
+    model = visionzoo.create_model("vit_test").eval()
+    rec = deploy(model, make_input(model, batch=1), backend="eager_tuned", budget=0, cache=False).record
+    att = rec.kernels["attention"]
+    assert att["matmul_cores"] + att["sdpa_cores"] == len(model.stage_modules())
+    assert all(c["kernel"] in ("matmul", "sdpa") and c["sdpa_ms"] > 0 for c in att["cases"])
 
 
 @pytest.mark.skipif(not L.onednn_available(), reason="this torch build has no oneDNN")

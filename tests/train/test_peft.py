@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning (LoRA, VQT, visual prompts, BitFit, linear probe), TrAct, SPT and LSA."""
+"""Parameter-efficient fine-tuning (LoRA, VQT, visual prompts, BitFit, linear probe), TrAct, SPT, LSA and DHVT."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +7,10 @@ from torch import nn
 
 import visionzoo
 from visionzoo.errors import ArgumentError
+from visionzoo.layers import DAFF, SOPE, Attention
 from visionzoo.train.optim import TrAct
 from visionzoo.train.peft import apply_peft
-from visionzoo.train.small_data import ShiftedPatchTokenization, apply_lsa, apply_spt
+from visionzoo.train.small_data import HeadInteraction, ShiftedPatchTokenization, apply_dhvt, apply_lsa, apply_spt
 
 TEST_MODELS = visionzoo.list_models("*_test")
 
@@ -88,6 +89,26 @@ def test_lora_merge_is_exact(name):
     assert torch.allclose(merged, adapted, atol=1e-6, rtol=0), (merged - adapted).abs().max()
     if name == "vit_test":
         assert torch.equal(merged, adapted)
+
+
+def test_lora_gives_q_k_and_v_their_own_update():
+    """A fused qkv Linear gets one rank-r update per projection: the q block of B changes only the q rows."""
+    from visionzoo.train.peft import LoRA
+
+    model = _model("vit_test")
+    apply_peft(model, "lora", rank=2)
+    qkv = model.stage_modules()[0].attn.qkv
+    lora = qkv.parametrizations.weight[0]
+    dim = qkv.in_features
+    assert isinstance(lora, LoRA) and lora.groups == 3 and lora.lora_A.shape == (3 * 2, dim)
+    fc1 = model.stage_modules()[0].mlp.fc1
+    assert fc1.parametrizations.weight[0].groups == 1
+    with torch.no_grad():
+        lora.lora_B[:dim].normal_()  # the q block only
+        delta = lora.delta()
+    assert delta[:dim].abs().sum() > 0 and delta[dim:].abs().sum() == 0
+    b, a = lora.lora_B[:dim], lora.lora_A[:2]
+    assert torch.allclose(delta[:dim], b @ a * lora.scaling)
 
 
 @pytest.mark.parametrize("name", ["vit_test", "deit_test"])
@@ -193,6 +214,48 @@ def test_lsa_masks_the_diagonal_and_learns_a_temperature_per_head():
         apply_lsa(_model("resnet_test"))
 
 
+def test_dhvt_parts_go_into_a_plain_vit():
+    model = _model("vit_test")
+    apply_dhvt(model)
+    blocks = model.stage_modules()
+    assert isinstance(model.get_submodule(model.first_conv.removesuffix(".proj.0.0")), SOPE)
+    assert all(isinstance(b.mlp, DAFF) and isinstance(b.attn, HeadInteraction) for b in blocks)
+    TrAct(model).remove()  # first_conv names SOPE's first conv, so TrAct takes it
+    x = torch.randn(4, 3, 64, 32)  # not square: DAFF reads the map's size from the input
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    y = torch.randint(0, 10, (4,))
+    losses = []
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with pytest.raises(ArgumentError, match="plain ViTs"):
+        apply_dhvt(_model("resnet_test"))
+    with pytest.raises(ArgumentError, match="one of --spt and --dhvt"):
+        apply_dhvt(apply_spt(_model("vit_test")))
+
+
+def test_head_interaction_equals_dhvt_attention():
+    """A plain ViT attention wrapped with head tokens computes what the DHVT family's HI-MHSA computes."""
+    dhvt = visionzoo.create_model("dhvt_test").eval()
+    hi = dhvt.blocks[0].attn
+    attn = Attention(hi.qkv.in_features, hi.num_heads, qkv_bias=True)  # a plain ViT's attention
+    wrapped = HeadInteraction(attn, hi.qkv.in_features, hi.num_heads, prefix=1).eval()
+    own = dict(wrapped.named_parameters())
+    with torch.no_grad():
+        for name, p in hi.named_parameters():
+            own[name if name.startswith(("ht_", "pos_")) else "attn." + name].copy_(p)
+    x = torch.randn(2, 1 + 16, hi.qkv.in_features)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), hi(x, (4, 4)), atol=1e-5)
+        probs = wrapped.attention_probs(x)
+    assert probs.shape == (2, hi.num_heads, 17, 17)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, hi.num_heads, 17))
+
+
 @pytest.mark.slow
 def test_train_peft_lora_cli_writes_a_merged_plain_checkpoint(tmp_path):
     from visionzoo.cli import main
@@ -207,7 +270,8 @@ def test_train_peft_lora_cli_writes_a_merged_plain_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("spec", [{"spt": True, "lsa": True, "peft": {"method": "vqt", "prompts": 2}},
                                   {"lsa": True, "peft": {"method": "prompt", "prompts": 3, "deep": True}},
-                                  {"peft": {"method": "lora", "rank": 2, "alpha": 2.0}}])
+                                  {"peft": {"method": "lora", "rank": 2, "alpha": 2.0}},
+                                  {"lsa": True, "dhvt": True, "peft": {"method": "bitfit"}}])
 def test_adapter_spec_rebuilds_the_trained_model(spec):
     """What training records (``adapter_spec``) rebuilds a model that loads the trained state dict strictly."""
     from visionzoo.train.peft import adapter_spec, apply_adapter_spec
@@ -223,8 +287,10 @@ def test_adapter_spec_rebuilds_the_trained_model(spec):
     assert torch.allclose(a(x), b(x), atol=1e-6)
 
 
-@pytest.mark.slow
-def test_eval_rebuilds_a_vqt_spt_lsa_run(tmp_path):
+@pytest.mark.parametrize("recipe", [pytest.param(["--peft", "vqt", "--prompts", "2", "--spt", "--lsa"],
+                                                 marks=pytest.mark.slow, id="vqt-spt-lsa"),
+                                    pytest.param(["--dhvt", "--lsa"], id="dhvt-lsa")])
+def test_eval_rebuilds_a_small_data_run(tmp_path, recipe):
     from visionzoo.cli import main
     from visionzoo.train.data import load_data
     from visionzoo.train.evaluate import eval_checkpoint, load_trained
@@ -232,7 +298,7 @@ def test_eval_rebuilds_a_vqt_spt_lsa_run(tmp_path):
 
     assert main(["train", "--model", "vit_test", "--img-size", "32", "--patch-size", "8", "--epochs", "1",
                  "--limit-train", "64", "--limit-val", "20", "--batch-size", "32", "--no-progress", "--threads", "1",
-                 "--peft", "vqt", "--prompts", "2", "--spt", "--lsa", "--out", str(tmp_path)]) == 0
+                 *recipe, "--out", str(tmp_path)]) == 0
     model, meta = load_trained(tmp_path / "model.safetensors")
     m = eval_checkpoint(model, load_data("digits", limit_train=64, limit_val=20), meta)
     assert m.top1 == pytest.approx(load_train_state(tmp_path / "latest.pt")["history"][-1]["val_top1"])

@@ -3,6 +3,7 @@ from .act import LayerType, get_act
 from .attention import Attention, AttentionCore
 from .class_token import LastStageClassTokenMixin
 from .conv import fold_bn, fold_bn_into_conv, fold_conv_bn_children, fuse_conv_bn_pairs
+from .conv_tokens import DAFF, SOPE, Affine, head_tokens, square_grid
 from .drop import DropPath, drop_path, drop_path_rates
 from .head import ClassifierHead
 from .init import init_linear, init_trunc_normal, is_meta
@@ -49,3 +50,4 @@ __all__ = [
 ]
 __all__ += ["ClassAttentionHead", "SpectralAttention", "SpectralGatingFilter", "SpectralStage", "build_spectral_stages",
             "conv_bn_relu_stem", "global_filter", "remap_spectral_stages"]
+__all__ += ["DAFF", "SOPE", "Affine", "head_tokens", "square_grid"]

@@ -26,64 +26,26 @@ except for the classifier (``head`` -> ``head.fc``, ``DHVT.remap``).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
-from visionzoo.layers import AttentionCore, DropPath, LayerNorm, drop_path_rates, init_linear, is_meta, trace_leaf
+from visionzoo.layers import (
+    DAFF,
+    SOPE,
+    AttentionCore,
+    DropPath,
+    LayerNorm,
+    drop_path_rates,
+    head_tokens,
+    init_linear,
+    is_meta,
+    square_grid,
+)
 from visionzoo.registry import Paper, Variant, register_family
 
 __all__ = ["DHVT"]
-
-
-@trace_leaf
-def _square_grid(x: Tensor) -> tuple[int, int]:
-    """The ``(H, W)`` of the patch tokens of ``x`` ``(B, 1 + H*W, C)`` when nobody passed it: a square map."""
-    side = math.isqrt(x.shape[1] - 1)
-    return side, side
-
-
-class Affine(nn.Module):
-    """A learned per-channel scale and shift on an NCHW map."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.alpha = nn.Parameter(torch.ones(1, dim, 1, 1))
-        self.beta = nn.Parameter(torch.zeros(1, dim, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.alpha + self.beta
-
-
-def _conv_bn(in_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(out_dim))
-
-
-class SOPE(nn.Module):
-    """Affine, log2(patch) 3x3/2 conv + BN layers (GELU between), affine: ``(B, C, H, W)`` -> ``(B, D, H/p, W/p)``."""
-
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
-        super().__init__()
-        if patch_size == 16:
-            dims = (in_chans, embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim)
-        elif patch_size == 4:
-            dims = (in_chans, embed_dim // 2, embed_dim)
-        elif patch_size == 2:
-            dims = (in_chans, embed_dim)
-        else:
-            raise ValueError(f"dhvt: patch_size must be 2, 4 or 16 (the official SOPE), got {patch_size}")
-        layers: list[nn.Module] = []
-        for i in range(len(dims) - 1):
-            layers += [_conv_bn(dims[i], dims[i + 1]), nn.GELU()]
-        self.proj = nn.Sequential(*(layers if patch_size == 2 else layers[:-1]))  # NOTE: patch 2 ends with GELU
-        self.pre_affine = Affine(in_chans)
-        self.post_affine = Affine(embed_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.post_affine(self.proj(self.pre_affine(x)))
 
 
 class HIAttention(nn.Module):
@@ -107,11 +69,7 @@ class HIAttention(nn.Module):
 
     def head_tokens(self, x: Tensor) -> Tensor:
         """``(B, N, C)`` -> ``(B, heads, C)``: each head's channel group averaged over the tokens, lifted to ``C``."""
-        B, N, C = x.shape
-        h, d = self.num_heads, self.head_dim
-        t = x.reshape(B, N, h, d).mean(1)  # (B, N, h, d) -> (B, h, d)
-        t = self.ht_proj(t).reshape(B, h, h, d)  # (B, h, C) -> (B, h, h, d)
-        return self.act(self.ht_norm(t)).flatten(2) + self.pos_embed  # -> (B, h, C)
+        return head_tokens(x, self.num_heads, self.ht_proj, self.ht_norm, self.act, self.pos_embed)
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         B, N, C = x.shape
@@ -124,36 +82,6 @@ class HIAttention(nn.Module):
         x = self.proj(x.transpose(1, 2).reshape(B, N + h, C))  # (B, h, M, d) -> (B, M, C)
         cls = x[:, :1] + x[:, 1:1 + h].mean(1, keepdim=True)  # head tokens merged into the class token
         return self.proj_drop(torch.cat([cls, x[:, 1 + h:]], dim=1))
-
-
-class DAFF(nn.Module):
-    """Conv feed-forward on the patch map (1x1, depthwise 3x3 with residual, 1x1; BN each) and an SE-scaled class
-    token."""
-
-    fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # Backbone.fuse folds each BN into its conv
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(dim, hidden, 1)
-        self.conv2 = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
-        self.conv3 = nn.Conv2d(hidden, dim, 1)
-        self.act = nn.GELU()
-        self.bn1 = nn.BatchNorm2d(hidden)
-        self.bn2 = nn.BatchNorm2d(hidden)
-        self.bn3 = nn.BatchNorm2d(dim)
-        self.compress = nn.Linear(dim, dim // 4)
-        self.excitation = nn.Linear(dim // 4, dim)
-
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        B, N, C = x.shape
-        cls = x[:, :1]
-        x = x[:, 1:].transpose(1, 2).reshape(B, C, hw[0], hw[1])  # (B, HW, C) -> (B, C, H, W)
-        x = self.act(self.bn1(self.conv1(x)))
-        x = x + self.act(self.bn2(self.conv2(x)))
-        x = self.bn3(self.conv3(x))
-        weight = self.excitation(self.act(self.compress(x.mean((2, 3)))))  # (B, C), no sigmoid
-        cls = cls * weight.unsqueeze(1)
-        return torch.cat([cls, x.flatten(2).transpose(1, 2)], dim=1)  # (B, C, H, W) -> (B, 1 + HW, C)
 
 
 class DHVTBlock(nn.Module):
@@ -170,7 +98,7 @@ class DHVTBlock(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         if hw is None:
-            hw = _square_grid(x)
+            hw = square_grid(x)
         x = x + self.drop_path(self.attn(self.norm1(x), hw))
         return x + self.drop_path(self.mlp(self.norm2(x), hw))
 

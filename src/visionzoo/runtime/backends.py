@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from visionzoo.errors import ArgumentError, BackendUnavailable
+from visionzoo.layers import AttentionCore
+from visionzoo.runtime.attention import AttentionChoice, tune_attention
 from visionzoo.runtime.cpu import cpu_name, has_bf16
 from visionzoo.runtime.kernels import OPS, count_swapped, fast_kernels, kernel_choice
 
@@ -61,6 +63,7 @@ class Shared:
         self._onnx: str | None = None
         self._onnx_error: Exception | None = None
         self.kernels: dict[str, dict] = {}  # dtype -> {op: KernelChoice} that eager_tuned used
+        self.attention: dict[str, AttentionChoice] = {}  # dtype -> what eager_tuned measured for attention
 
     @property
     def fused(self) -> nn.Module:
@@ -191,9 +194,16 @@ def _eager_tuned(dtype: str, shared: Shared) -> Built:
              for op, c in choices.items()]
     detail = f"{shared.fuse_note or 'no fuse()'}; " + ", ".join(parts)
     run = _torch_runner(model, dtype)
-    if n["conv2d"] and shared.x.dim() == 4:  # oneDNN's convolutions run NHWC without reordering (NCHW would)
+    nhwc = bool(n["conv2d"]) and shared.x.dim() == 4
+    if nhwc:  # oneDNN's convolutions run NHWC without reordering (NCHW would)
         inner, run = run, lambda x: inner(x.contiguous(memory_format=torch.channels_last))
         detail += ", NHWC input"
+    if dtype != "int8" and any(isinstance(m, AttentionCore) for m in model.modules()):
+        x = shared.x.contiguous(memory_format=torch.channels_last) if nhwc else shared.x
+        attn = tune_attention(model, x, autocast=dtype == "bf16")
+        shared.attention[dtype] = attn
+        detail += (f"; attention measured per shape: {attn.explicit} core(s) on matmul+softmax+matmul, "
+                   f"{attn.fused} on SDPA")
     return Built(run, detail + (", bf16 autocast" if dtype == "bf16" else ""), module=model)
 
 
@@ -250,12 +260,16 @@ def _onnxruntime(dtype: str, shared: Shared) -> Built:
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    spin = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+    if not spin:  # torch's threads sleep when idle here: onnxruntime's do too, or the comparison is not like for like
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
 
     def run(x: Tensor) -> Tensor:
         return torch.from_numpy(sess.run(None, {name: x.detach().contiguous().numpy()})[0])
-    return Built(run, f"onnxruntime {ort.__version__} CPU (MLAS), {what}; {shared.fuse_note or 'no fuse()'}")
+    return Built(run, f"onnxruntime {ort.__version__} CPU (MLAS), {what}, {'spinning' if spin else 'sleeping'} idle "
+                 f"threads (as OMP_WAIT_POLICY); {shared.fuse_note or 'no fuse()'}")
 
 
 def _openvino(dtype: str, shared: Shared) -> Built:

@@ -93,6 +93,7 @@ class OneDNNLinear(_Packed):
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(linear, dtype)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.post_op, self.algorithm = "none", ""  # an activation oneDNN applies to the output (fuse_activations)
 
     def _reorder(self, w: Tensor, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(w)
@@ -100,11 +101,14 @@ class OneDNNLinear(_Packed):
     def forward(self, x: Tensor) -> Tensor:
         x = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
         w, b = self._pack(x)
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, self.post_op, [], self.algorithm)
 
     def extra_repr(self) -> str:
         dt = str(self.compute_dtype).removeprefix("torch.")
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {dt}"
+        post = "" if self.post_op == "none" else f", then {self.post_op}" + (f" ({self.algorithm})" * bool(
+            self.algorithm and self.algorithm != "none"))
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{dt}{post}")
 
 
 class OneDNNConv2d(_Packed):
@@ -217,6 +221,26 @@ def _cases(op: str, case: tuple, dt: torch.dtype, g: torch.Generator
     return label, flop, {"aten": lambda: seq(x), "aten_nhwc": lambda: seq_cl(x_cl), "onednn": lambda: fast(x_cl)}
 
 
+def best_seconds(fns: dict[str, Callable[[], object]], rounds: int, sample_s: float) -> dict[str, float]:
+    """Seconds per call of each function: the best of ``rounds`` interleaved samples (A, B, A, B, ...), each sample
+    repeating the call for about ``sample_s`` seconds (other processes only ever slow a sample down, so the best one
+    is the least disturbed)."""
+    reps = {}
+    for kn, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        reps[kn] = max(1, round(sample_s / max(time.perf_counter() - t0, 1e-6)))
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for kn, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[kn]):
+                fn()
+            best[kn] = min(best[kn], (time.perf_counter() - t0) / reps[kn])
+    return best
+
+
 def measure_kernels(op: str = "linear", dtype: str = "fp32", shapes: tuple[tuple, ...] | None = None,
                     rounds: int | None = None, sample_s: float | None = None) -> KernelChoice:
     """Time each kernel on each calibration case, interleaved (A, B, A, B, ...): a sample repeats the call for
@@ -238,19 +262,7 @@ def measure_kernels(op: str = "linear", dtype: str = "fp32", shapes: tuple[tuple
         if "onednn" not in kernels:
             fns.pop("onednn")
         with torch.inference_mode():
-            reps = {}
-            for kn, fn in fns.items():
-                fn()
-                t0 = time.perf_counter()
-                fn()
-                reps[kn] = max(1, round(sample_s / max(time.perf_counter() - t0, 1e-6)))
-            best = dict.fromkeys(fns, float("inf"))
-            for _ in range(rounds):
-                for kn, fn in fns.items():
-                    t0 = time.perf_counter()
-                    for _ in range(reps[kn]):
-                        fn()
-                    best[kn] = min(best[kn], (time.perf_counter() - t0) / reps[kn])
+            best = best_seconds(fns, rounds, sample_s)
         best["aten"] = min(best["aten"], best.pop("aten_nhwc", float("inf")))
         for kn in kernels:
             out[kn].append(round(gflop / best[kn], 1))
@@ -326,7 +338,35 @@ def fast_kernels(model: nn.Module, kernels: str | dict[str, str] | None = None, 
                 # exact type: subclasses (nn.MultiheadAttention's out_proj) may be read by their owner, not called
                 if type(child) is cls and child.weight.device.type == "cpu" and ok(child):
                     setattr(parent, name, fast(child, DTYPES[dtype]))
+    fuse_activations(model)
     return model
+
+
+def _post_op(act: nn.Module) -> tuple[str, str] | None:
+    """oneDNN's name for ``act`` as a post-op (``(attr, algorithm)``), or None where it has none we use."""
+    if type(act) is nn.ReLU:
+        return "relu", ""
+    if isinstance(act, nn.GELU) and type(act).forward is nn.GELU.forward:  # GELU and GELUTanh, not a new forward
+        return "gelu", "tanh" if act.approximate == "tanh" else "none"
+    return None
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """In every shared ``layers.Mlp`` whose first Linear runs on oneDNN, fold the activation into that Linear as a
+    oneDNN post-op (one pass over the hidden activations fewer); in place, inference only. Returns how many."""
+    from visionzoo.layers import Mlp
+
+    n = 0
+    for m in model.modules():
+        if type(m) is not Mlp or not isinstance(m.fc1, OneDNNLinear) or m.fc1.post_op != "none":
+            continue
+        post = _post_op(m.act)
+        if post is None or (m.training and m.drop1.p > 0):
+            continue
+        m.fc1.post_op, m.fc1.algorithm = post
+        m.act = nn.Identity()
+        n += 1
+    return n
 
 
 def fast_linear(model: nn.Module, kernel: str | None = None, dtype: str = "fp32", inplace: bool = False,

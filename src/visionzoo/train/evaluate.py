@@ -85,7 +85,7 @@ def load_trained(path: str | Path, name: str | None = None, *, num_classes: int 
         from visionzoo.tokens import apply_spec
 
         apply_spec(model, spec)  # before loading: token slimming adds parameters the checkpoint holds
-    if meta.get("adapters"):  # SPT/LSA/PEFT (visionzoo train --spt/--lsa/--peft) add parameters too
+    if meta.get("adapters"):  # SPT/LSA/DHVT/PEFT (visionzoo train --spt/--lsa/--dhvt/--peft) add parameters too
         from visionzoo.train.peft import apply_adapter_spec
 
         apply_adapter_spec(model, meta["adapters"])

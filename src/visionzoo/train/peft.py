@@ -7,7 +7,8 @@ trainable/total counts. Methods:
 * ``lora`` (Hu et al., ICLR 2022, https://arxiv.org/abs/2106.09685; as used on ViT trackers in "Tracking Meets
   LoRA", Lin et al., ECCV 2024, https://arxiv.org/abs/2403.05231): ``W + (alpha / r) B A`` on every ``nn.Linear``
   outside the head (attention qkv/proj and MLP fc1/fc2 in transformers; ConvNeXt-style pointwise Linear layers),
-  ``A`` Kaiming-uniform, ``B`` zero (so training starts at the frozen model); default ``r=8``, ``alpha=r``. Written as a
+  ``A`` Kaiming-uniform, ``B`` zero (so training starts at the frozen model); default ``r=8``, ``alpha=r``. A fused
+  ``qkv`` gets one rank-``r`` update per projection (q, k, v), as LoRAT's code adapts timm's fused qkv. Written as a
   ``torch.nn.utils.parametrize`` parametrisation of the weight, so every use of ``weight`` (also the slices the
   attention seam reads) sees it; ``handle.merge()`` folds ``B A`` into the weights (the state dict is a plain model's
   again, and the output is the same).
@@ -102,17 +103,33 @@ class PeftHandle:
 
 
 class LoRA(nn.Module):
-    """The parametrisation ``W -> W + (alpha / r) B A`` of a Linear weight ``(out, in)``."""
+    """The parametrisation ``W -> W + (alpha / r) B A`` of a Linear weight ``(out, in)``.
 
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float) -> None:
+    ``groups > 1`` splits the output rows into that many equal blocks, each with its own rank-``r`` update
+    (``lora_A`` ``(groups * r, in)``, ``lora_B`` ``(out, r)``): a fused ``qkv`` projection gets one update each for
+    q, k and v, as separate q/k/v layers would, and as "Tracking Meets LoRA" adapts timm's fused qkv."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, groups: int = 1) -> None:
         super().__init__()
-        self.rank, self.scaling = rank, alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        if out_features % groups:
+            raise ArgumentError(f"LoRA: {out_features} output features do not split into {groups} groups")
+        self.rank, self.scaling, self.groups = rank, alpha / rank, groups
+        self.lora_A = nn.Parameter(torch.empty(groups * rank, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as the LoRA reference code (loralib)
 
+    def delta(self) -> Tensor:
+        """``(alpha / r) B A`` ``(out, in)``; with groups, block g of the rows is ``B_g A_g``."""
+        g = self.groups
+        if g == 1:
+            return self.lora_B @ self.lora_A * self.scaling
+        out, r = self.lora_B.shape
+        b = self.lora_B.view(g, out // g, r)  # (g, out/g, r)
+        a = self.lora_A.view(g, r, -1)  # (g, r, in)
+        return torch.bmm(b, a).reshape(out, -1) * self.scaling
+
     def forward(self, w: Tensor) -> Tensor:
-        return w + (self.lora_B @ self.lora_A).to(w.dtype) * self.scaling
+        return w + self.delta().to(w.dtype)
 
 
 class PromptHook(nn.Module):
@@ -193,6 +210,12 @@ def _refuse(model: nn.Module, method: str, why: str, alternatives: str) -> Argum
     return ArgumentError(f"{name}: --peft {method} {why}; use --peft {alternatives}")
 
 
+def _is_fused_qkv(name: str, linear: nn.Linear) -> bool:
+    """A fused query/key/value projection: the shared attention's ``qkv`` Linear (``layers.Attention``, timm's
+    name), three equal blocks of output rows."""
+    return name.rsplit(".", 1)[-1] == "qkv" and linear.out_features % 3 == 0
+
+
 def apply_peft(model: nn.Module, method: str, rank: int = 8, alpha: float | None = None, prompts: int = 10,
                deep: bool = False) -> PeftHandle:
     """Freeze ``model`` and add ``method``'s trainable parameters, in place; see the module docstring."""
@@ -215,13 +238,15 @@ def apply_peft(model: nn.Module, method: str, rank: int = 8, alpha: float | None
     if method == "lora":
         alpha = float(rank if alpha is None else alpha)
         options = dict(rank=rank, alpha=alpha)
-        linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
                    and not any(n == h or n.startswith(h + ".") for h in head_names)]
         if not linears:
             raise _refuse(model, method, "adapts nn.Linear layers and this model has none outside its head",
                           "bitfit or linear")
-        for m in linears:
-            parametrize.register_parametrization(m, "weight", LoRA(m.out_features, m.in_features, rank, alpha))
+        for n, m in linears:
+            groups = 3 if _is_fused_qkv(n, m) else 1
+            parametrize.register_parametrization(m, "weight", LoRA(m.out_features, m.in_features, rank, alpha,
+                                                                   groups))
     elif method in ("prompt", "vqt"):
         if not blocks:
             head = tuple(head_names)
@@ -261,7 +286,7 @@ def apply_peft(model: nn.Module, method: str, rank: int = 8, alpha: float | None
 
 
 def adapter_spec(model: nn.Module) -> dict[str, Any] | None:
-    """What ``apply_adapter_spec`` needs to rebuild ``model``'s extra parameters (SPT, LSA, PEFT), or ``None``."""
+    """What ``apply_adapter_spec`` needs to rebuild ``model``'s extra parameters (SPT, LSA, DHVT, PEFT), or ``None``."""
     spec = dict(getattr(model, "small_data", None) or {})
     if getattr(model, "peft_options", None):
         spec["peft"] = dict(model.peft_options)
@@ -272,12 +297,9 @@ def apply_adapter_spec(model: nn.Module, spec: dict[str, Any] | None) -> nn.Modu
     """Re-apply a recorded ``adapter_spec`` to a freshly built model (before loading its trained weights)."""
     if not spec:
         return model
-    from visionzoo.train.small_data import apply_lsa, apply_spt
+    from visionzoo.train.small_data import apply_small_data
 
-    if spec.get("spt"):
-        apply_spt(model)
-    if spec.get("lsa"):
-        apply_lsa(model)
+    apply_small_data(model, {k: v for k, v in spec.items() if k != "peft"})
     if spec.get("peft"):
         opts = dict(spec["peft"])
         apply_peft(model, opts.pop("method"), **opts)
