@@ -5,7 +5,7 @@
 
 For each model and batch size, ``visionzoo.deploy(backend="auto", cache=False)`` builds every backend (eager,
 eager_tuned, inductor, onnxruntime, openvino), checks each against eager fp32 (1e-4 relative) and times them
-interleaved (A A A, B B B, ..., A A A, ...; medians) for ``--budget`` seconds. From those medians it prints:
+interleaved (A A, B B, ..., A A, ...; medians) for ``--budget`` seconds. From those medians it prints:
 
 - torch-native / onnxruntime: the best of eager, eager_tuned and inductor over onnxruntime (target >= 1.0);
 - auto / max(onnxruntime, openvino): deploy's choice over the faster exported runtime (target >= 1.0);

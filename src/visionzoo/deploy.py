@@ -6,7 +6,7 @@
 
 ``backend="auto"`` builds every backend that can run here (``visionzoo.runtime.backends``: eager, eager_tuned,
 inductor, onnxruntime, openvino), checks each against eager fp32 on the example input, times the ones that
-agree (interleaved in blocks, A A A, B B B, C C C, A A A, ...; medians), and keeps the fastest. fp32 candidates
+agree (interleaved in blocks, A A, B B, C C, A A, ...; medians), and keeps the fastest. fp32 candidates
 must agree within ``tol`` (default 1e-4, relative: max |diff| over max |eager|); precision is lowered only when
 ``dtype`` asks for it, and then the record gives the agreement with fp32 (relative difference, top-1 agreement on
 the example batch). bf16 is refused where the CPU has no bf16 hardware, or where it measures slower than fp32 (the
@@ -139,9 +139,9 @@ def _agreement(out: Tensor, ref: Tensor) -> tuple[float, float | None]:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], budget: float, min_rounds: int = 3,
-                     max_rounds: int = 50, block: int = 3, gap: float = 0.02) -> dict[str, float]:
-    """Median seconds per call of each function, timed in turn in blocks (A A A, B B B, C C C, A A A, ...) for about
-    ``budget`` seconds in all, after one warm-up call each.
+                     max_rounds: int = 50, block: int = 2, gap: float = 0.02) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turn in blocks of ``block`` calls (A A, B B, C C, A A, ...)
+    for about ``budget`` seconds in all, after one warm-up call each.
 
     Each block starts after ``gap`` seconds idle and its first call is not counted: runtimes keep their worker
     threads spinning for a while after a call (OpenMP for torch, onnxruntime's and OpenVINO's own pools), so the

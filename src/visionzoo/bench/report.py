@@ -198,7 +198,8 @@ def table(results: list[BenchResult], title: str = "visionzoo bench", max_width:
 
 BACKEND_NOTES = {
     "eager": "torch eager, the model as given",
-    "eager_tuned": "torch eager after fuse(), every Linear on the kernel measured fastest on this CPU",
+    "eager_tuned": "torch eager after fuse(), every Linear/Conv2d and attention on the kernel measured fastest on this "
+                   "CPU",
     "inductor": "torch.compile with freezing",
     "onnxruntime": "onnxruntime CPU on the exported ONNX",
     "openvino": "OpenVINO CPU on the exported ONNX",

@@ -24,11 +24,11 @@ class BenchConfig:
     """What to measure and how. ``budget`` is the timed seconds per model, batch size and mode.
 
     ``batch_sizes``, ``repeats`` and ``budget`` left as ``None`` take the defaults of ``resolved``: the default
-    line-up is measured quicker (batch 1 and 16, 2 repeats, 1 s) so that ~16 models fit in about 2 minutes.
+    line-up is measured quicker (batch 1 and 16, 2 repeats, 1 s) so that its 29 models fit in about 4.5 minutes.
     ``backend``: how each model runs (``BACKENDS``). The default, ``eager_tuned``, is torch eager after
-    ``fuse()`` with every Linear on the kernel measured fastest on this CPU, so that no architecture is ranked by
-    which BLAS its layers happen to call; ``eager`` is the model exactly as given. ``deploy`` means
-    ``backend="auto"`` (``visionzoo.deploy``'s choice, which may differ per model).
+    ``fuse()`` with every Linear/Conv2d and every attention call on the kernel measured fastest on this CPU, so that
+    no architecture is ranked by which BLAS or attention kernel its layers happen to call; ``eager`` is the model
+    exactly as given. ``deploy`` means ``backend="auto"`` (``visionzoo.deploy``'s choice, which may differ per model).
     """
 
     batch_sizes: tuple[int, ...] | None = None
