@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import visionzoo
+import visionzoo.tokens
 from visionzoo.errors import ArgumentError
 from visionzoo.layers import DAFF, SOPE, Attention
 from visionzoo.train.optim import TrAct
@@ -221,6 +222,8 @@ def test_dhvt_parts_go_into_a_plain_vit():
     assert isinstance(model.get_submodule(model.first_conv.removesuffix(".proj.0.0")), SOPE)
     assert all(isinstance(b.mlp, DAFF) and isinstance(b.attn, HeadInteraction) for b in blocks)
     TrAct(model).remove()  # first_conv names SOPE's first conv, so TrAct takes it
+    with pytest.raises(ArgumentError, match="DAFF"):
+        visionzoo.tokens.apply(model, "tome", r=2)
     x = torch.randn(4, 3, 64, 32)  # not square: DAFF reads the map's size from the input
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     y = torch.randint(0, 10, (4,))

@@ -38,7 +38,10 @@ def refusal(model: nn.Module) -> str | None:
     if getattr(model, "token_reduction", None) is not None:
         return (f"{name} already has {model.token_reduction.spec} applied; call visionzoo.tokens.remove(model) "
                 f"first")
-    if not token_sequences(model):
+    seqs = token_sequences(model)
+    if seqs and getattr(model, "no_token_reduction_reason", None):  # token blocks, but something needs every token
+        return f"{name} cannot take token reduction: {model.no_token_reduction_reason}"
+    if not seqs:
         if getattr(model, "no_token_reduction_reason", None):  # a family that says why (TNT's word stream)
             why = model.no_token_reduction_reason
         elif not getattr(model, "has_attention", False):

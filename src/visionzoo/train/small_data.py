@@ -246,6 +246,8 @@ def apply_dhvt(model: nn.Module) -> nn.Module:
         daffs.append(daff)
     model.register_forward_pre_hook(_record_grid(daffs, patch))
     model.first_conv = f"{path}.proj.0.0"  # the contract: SOPE's first conv is the first layer with weights
+    model.no_token_reduction_reason = ("--dhvt's DAFF reshapes the patch tokens to their map in every block, so "
+                                       "tokens cannot be merged or dropped")
     _record(model, "dhvt")
     return model
 
