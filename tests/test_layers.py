@@ -118,3 +118,20 @@ def test_patch_embed_and_mlps_and_head():
     assert head(x).shape == (2, 5) and head(x, pre_logits=True).shape == (2, 8)
     head.reset(0)
     assert head(x).shape == (2, 8)
+
+
+@pytest.mark.parametrize("patch", [1, 3, 6, 12])
+def test_sope_takes_only_power_of_two_patches(patch):
+    from visionzoo.layers import SOPE
+
+    with pytest.raises(ValueError, match="power of two"):
+        SOPE(3, 64, patch)
+
+
+@pytest.mark.parametrize("patch,convs", [(2, 1), (8, 3), (32, 5)])
+def test_sope_downsamples_by_its_patch(patch, convs):
+    from visionzoo.layers import SOPE
+
+    m = SOPE(3, 64, patch).eval()
+    assert sum(isinstance(c, torch.nn.Conv2d) for c in m.modules()) == convs
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 64, 64 // patch, 64 // patch)

@@ -58,7 +58,7 @@ class SOPE(nn.Module):
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
         super().__init__()
         steps = int(math.log2(patch_size)) if patch_size >= 2 else 0
-        if 2 ** steps != patch_size or embed_dim % 2 ** (steps - 1):
+        if steps < 1 or 2 ** steps != patch_size or embed_dim % 2 ** (steps - 1):
             raise ValueError(f"SOPE: patch_size must be a power of two >= 2 (one stride-2 conv per factor 2) and "
                              f"embed_dim a multiple of patch_size/2, got patch {patch_size}, embed_dim {embed_dim}")
         dims = (in_chans, *(embed_dim // 2 ** (steps - 1 - i) for i in range(steps)))
