@@ -317,6 +317,36 @@ def test_fast_kernels_onednn_match_eager_and_keep_the_state_dict(model_x):
 
 
 @pytest.mark.skipif(not L.onednn_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("name", visionzoo.list_models("*_test"))
+def test_onednn_kernels_and_post_ops_keep_every_model_s_output(name):
+    """eager_tuned's module swap and activation folding, on every family: the output is eager's (a family that
+    checks its classifier's type, or reads an activation's output twice, would break here)."""
+    torch.manual_seed(0)
+    model = visionzoo.create_model(name).eval()
+    x = make_input(model, batch=2)
+    with torch.inference_mode():
+        ref = model(x)
+        out = L.fast_kernels(model, kernels="onednn")(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == ref.shape
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-4
+
+
+@pytest.mark.skipif(not L.onednn_available(), reason="this torch build has no oneDNN")
+def test_activations_in_a_sequential_and_a_conv_mlp_become_post_ops():
+    from visionzoo.layers import ConvMlp
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(16, 8, 1),
+                              torch.nn.ReLU(), ConvMlp(8, 32, act_layer="gelu")).eval()
+    fast = L.fast_kernels(seq, kernels="onednn")
+    assert [fast[0].post_op, fast[2].post_op, fast[4].fc1.post_op] == ["gelu", "relu", "gelu"]
+    assert isinstance(fast[1], torch.nn.Identity) and isinstance(fast[4].act, torch.nn.Identity)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        assert (fast(x) - seq(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.skipif(not L.onednn_available(), reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
 def test_mlp_activation_becomes_a_onednn_post_op(act):
     from visionzoo.layers import Mlp

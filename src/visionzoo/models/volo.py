@@ -209,7 +209,7 @@ class VOLOHead(ClassifierHead):
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         cls = self.forward_pre_logits(x)
-        if pre_logits or not isinstance(self.fc, nn.Linear):
+        if pre_logits or isinstance(self.fc, nn.Identity):  # num_classes=0 (a swapped Linear is still a classifier)
             return cls
         out = self.fc(cls)
         if len(self.fc_names) == 1:

@@ -12,6 +12,8 @@ threads, dtype) on the layer shapes of the line-up's backbones, and cached (``ke
 ``OneDNNConv2d`` where oneDNN won. A swapped module keeps ``weight`` and ``bias`` (same state-dict keys, same
 numbers within 1e-5) and packs the weight once into oneDNN's blocked layout (a convolution for the first input
 shape it sees), lazily, and again after the weight changes. Inference only: the oneDNN ops have no autograd.
+``fuse_activations`` then folds a GELU/ReLU into the oneDNN layer before it (a oneDNN post-op) wherever nothing else
+reads that layer's output.
 """
 from __future__ import annotations
 
@@ -86,6 +88,12 @@ class _Packed(nn.Module):
         return state
 
 
+def _post_repr(m: nn.Module) -> str:
+    if m.post_op == "none":
+        return ""
+    return f", then {m.post_op}" + (f" ({m.algorithm})" if m.algorithm and m.algorithm != "none" else "")
+
+
 class OneDNNLinear(_Packed):
     """``nn.Linear`` through oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``), its weight
     prepacked. ``dtype=torch.bfloat16`` packs a bf16 copy and casts the input (bf16 output)."""
@@ -105,10 +113,8 @@ class OneDNNLinear(_Packed):
 
     def extra_repr(self) -> str:
         dt = str(self.compute_dtype).removeprefix("torch.")
-        post = "" if self.post_op == "none" else f", then {self.post_op}" + (f" ({self.algorithm})" * bool(
-            self.algorithm and self.algorithm != "none"))
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{dt}{post}")
+                f"{dt}{_post_repr(self)}")
 
 
 class OneDNNConv2d(_Packed):
@@ -120,6 +126,7 @@ class OneDNNConv2d(_Packed):
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.padding, self.stride = list(_explicit_padding(conv)), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.post_op, self.algorithm = "none", ""  # an activation oneDNN applies to the output (fuse_activations)
 
     def _reorder(self, w: Tensor, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._reorder_convolution_weight(w, self.padding, self.stride, self.dilation,
@@ -129,12 +136,12 @@ class OneDNNConv2d(_Packed):
         x = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
         w, b = self._pack(x)
         return torch.ops.mkldnn._convolution_pointwise(x, w, b, self.padding, self.stride, self.dilation,
-                                                       self.groups, "none", [], "")
+                                                       self.groups, self.post_op, [], self.algorithm)
 
     def extra_repr(self) -> str:
         dt = str(self.compute_dtype).removeprefix("torch.")
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, {dt}")
+                f"padding={self.padding}, groups={self.groups}, {dt}{_post_repr(self)}")
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -352,20 +359,35 @@ def _post_op(act: nn.Module) -> tuple[str, str] | None:
 
 
 def fuse_activations(model: nn.Module) -> int:
-    """In every shared ``layers.Mlp`` whose first Linear runs on oneDNN, fold the activation into that Linear as a
-    oneDNN post-op (one pass over the hidden activations fewer); in place, inference only. Returns how many."""
-    from visionzoo.layers import Mlp
+    """Fold activations into the oneDNN layer before them, as oneDNN post-ops (one pass over the activations fewer);
+    in place, inference only. Where it is certain that the activation reads only that layer's output: the shared
+    ``layers.Mlp`` (fc1, act) and ``layers.ConvMlp`` without a norm (fc1, act), and consecutive children of an
+    ``nn.Sequential``. Returns how many were folded."""
+    from visionzoo.layers import ConvMlp, Mlp
 
+    fast = (OneDNNLinear, OneDNNConv2d)
     n = 0
+
+    def fold(layer: nn.Module, act: nn.Module) -> bool:
+        post = _post_op(act)
+        if not isinstance(layer, fast) or layer.post_op != "none" or post is None:
+            return False
+        layer.post_op, layer.algorithm = post
+        return True
+
     for m in model.modules():
-        if type(m) is not Mlp or not isinstance(m.fc1, OneDNNLinear) or m.fc1.post_op != "none":
-            continue
-        post = _post_op(m.act)
-        if post is None or (m.training and m.drop1.p > 0):
-            continue
-        m.fc1.post_op, m.fc1.algorithm = post
-        m.act = nn.Identity()
-        n += 1
+        if type(m) is Mlp and not (m.training and m.drop1.p > 0) and fold(m.fc1, m.act):
+            m.act = nn.Identity()
+            n += 1
+        elif type(m) is ConvMlp and isinstance(m.norm, nn.Identity) and fold(m.fc1, m.act):
+            m.act = nn.Identity()
+            n += 1
+        elif type(m) is nn.Sequential:
+            kids = list(m.named_children())
+            for (_, a), (name_b, b) in zip(kids, kids[1:]):
+                if fold(a, b):
+                    setattr(m, name_b, nn.Identity())
+                    n += 1
     return n
 
 
