@@ -50,6 +50,7 @@ class BenchConfig:
     omp_wait_policy: str = "passive"
     malloc_policy: str = "keep"
     compare_timm: bool = False
+    reference_library: str = "timm"  # what --compare-timm compares with: imported by name, never a dependency
     roofline: bool = False
     num_classes: int = 1000
     timeout: float | None = None  # seconds per model in the child process; None = no limit

@@ -3,6 +3,7 @@ set-up; the optional same-process timm comparison."""
 from __future__ import annotations
 
 import copy
+import importlib
 import re
 import sys
 import time
@@ -191,23 +192,29 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor, cfg: BenchConfig, devic
     return step
 
 
-def _timm_model(name: str, cfg: BenchConfig) -> tuple[Any, str]:
-    """timm's model of the same name (random init), or None and the reason it cannot be had."""
+def _reference_model(name: str, cfg: BenchConfig) -> tuple[Any, str]:
+    """The reference library's model of the same name (random init), or None and the reason it cannot be had.
+
+    The library (``cfg.reference_library``, timm by default) is imported by name, only for ``--compare-timm``:
+    it is an optional peer to compare with, never a dependency (it is not installed here). It must offer
+    ``create_model(name, pretrained=False, num_classes=...)`` and may offer ``is_model(name)``, as timm does."""
+    lib = cfg.reference_library
     try:
-        import timm
+        ref = importlib.import_module(lib)
     except ImportError as e:
-        return None, f"timm cannot be imported in {sys.executable} ({e}); install timm to compare"
-    if not timm.is_model(name):
-        return None, f"timm {timm.__version__} has no model named {name!r}"
+        return None, f"{lib} cannot be imported in {sys.executable} ({e}); install {lib} to compare"
+    version = f"{lib} {getattr(ref, '__version__', '')}".strip()
+    if hasattr(ref, "is_model") and not ref.is_model(name):
+        return None, f"{version} has no model named {name!r}"
     try:
         kw = {} if cfg.img_size is None else dict(img_size=cfg.img_size)
         try:
-            m = timm.create_model(name, pretrained=False, num_classes=cfg.num_classes, **kw)
+            m = ref.create_model(name, pretrained=False, num_classes=cfg.num_classes, **kw)
         except TypeError:
-            m = timm.create_model(name, pretrained=False, num_classes=cfg.num_classes)
+            m = ref.create_model(name, pretrained=False, num_classes=cfg.num_classes)
     except Exception as e:  # noqa: BLE001  (any failure is reported, the run goes on)
-        return None, f"timm.create_model({name!r}) failed: {one_line(e)}"
-    return m.eval(), f"timm {timm.__version__}"
+        return None, f"{lib}.create_model({name!r}) failed: {one_line(e)}"
+    return m.eval(), version
 
 
 class _Backends:
@@ -308,7 +315,7 @@ def measure_model(name: str, cfg: BenchConfig, emit: Callable[[dict], None] | No
             return rows
     timm_model, timm_note = (None, "")
     if cfg.compare_timm:
-        timm_model, timm_note = _timm_model(name, cfg)
+        timm_model, timm_note = _reference_model(name, cfg)
     modes = ("infer", "train") if cfg.mode == "both" else (cfg.mode,)
     by_bs: dict[int, BenchResult] = {}
     for mode in modes:
