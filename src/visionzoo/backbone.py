@@ -6,7 +6,8 @@ layout (timm's ResNet keys, ViT's tokens) override the small hooks below rather 
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,11 @@ class FeatureInfoList(list):
 
     def module_name(self) -> list[str]:
         return [f.module for f in self]
+
+
+def tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Patch tokens ``(B, H*W, D)`` in row-major order -> a ``(B, D, H, W)`` map."""
+    return tokens.reshape(tokens.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2)
 
 
 def resolve_indices(indices: int | list[int] | tuple[int, ...] | None, n: int, who: str = "model") -> list[int]:
@@ -232,6 +238,22 @@ class Backbone(nn.Module):
             x = self.run_stage(stage, x)
             if i in idx:
                 outs.append(self.stage_to_nchw(x))
+        return outs
+
+    def token_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None,
+                            to_map: Callable[[Any], Tensor]) -> list[Tensor]:
+        """``forward_intermediates`` for families whose blocks pass a token sequence (plain ViTs): the stem, then
+        the stages up to the last chosen one, each chosen stage's output given to ``to_map`` (the family's own
+        tokens -> ``(B, D, H, W)``: which tokens are the patch grid is the family's)."""
+        stages = self.stage_modules()
+        idx = resolve_indices(indices, len(stages), self.name)
+        self.check_input(x)
+        x = self.forward_stem(x)
+        outs = []
+        for i, stage in enumerate(stages[:idx[-1] + 1]):
+            x = self.run_stage(stage, x)
+            if i in idx:
+                outs.append(to_map(x))
         return outs
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
+from visionzoo.backbone import Backbone, FeatureInfo, tokens_to_map
 from visionzoo.layers import Mlp, init_linear, is_tracing
 from visionzoo.registry import INCEPTION_MEAN, INCEPTION_STD, Paper, Variant, register_family
 
@@ -125,16 +125,8 @@ class NiNformer(Backbone):
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None = None
                               ) -> list[Tensor]:
         """The tokens of the chosen blocks as ``(B, D, H/p, W/p)`` maps."""
-        idx = resolve_indices(indices, len(self.blocks), self.name)
-        self.check_input(x)
-        H, W = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        x = self.forward_stem(x)
-        outs = []
-        for i, block in enumerate(self.blocks[:idx[-1] + 1]):
-            x = self.run_stage(block, x)
-            if i in idx:
-                outs.append(x.transpose(1, 2).reshape(x.shape[0], -1, H, W))  # (B, N, D) -> (B, D, H, W)
-        return outs
+        grid = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return self.token_intermediates(x, indices, lambda t: tokens_to_map(t, grid))  # no prefix tokens
 
     @staticmethod
     def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
+from visionzoo.backbone import Backbone, FeatureInfo, tokens_to_map
 from visionzoo.layers import (
     Attention,
     AttentionCore,
@@ -245,16 +245,8 @@ class T2TViT(Backbone):
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None = None
                               ) -> list[Tensor]:
         """Patch tokens of the chosen blocks (before the final norm) as ``(B, D, H/16, W/16)`` maps."""
-        idx = resolve_indices(indices, len(self.blocks), self.name)
-        self.check_input(x)
-        H, W = x.shape[-2] // 16, x.shape[-1] // 16
-        x = self.forward_stem(x)
-        outs = []
-        for i, block in enumerate(self.blocks[:idx[-1] + 1]):
-            x = self.run_stage(block, x)
-            if i in idx:
-                outs.append(x[:, 1:].reshape(x.shape[0], H, W, -1).permute(0, 3, 1, 2))  # -> (B, D, H, W)
-        return outs
+        grid = x.shape[-2] // 16, x.shape[-1] // 16
+        return self.token_intermediates(x, indices, lambda t: tokens_to_map(t[:, 1:], grid))  # after the class token
 
     @staticmethod
     def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
+from visionzoo.backbone import Backbone, FeatureInfo, tokens_to_map
 from visionzoo.layers import (
     AttentionCore,
     DropPath,
@@ -201,17 +201,8 @@ class TNT(Backbone):
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None = None
                               ) -> list[Tensor]:
         """Patch tokens of the chosen blocks (before the final norm) as ``(B, C, H/p, W/p)`` maps."""
-        idx = resolve_indices(indices, len(self.blocks), self.name)
-        self.check_input(x)
-        H, W = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        state = self.forward_stem(x)
-        outs = []
-        for i, block in enumerate(self.blocks[:idx[-1] + 1]):
-            state = self.run_stage(block, state)
-            if i in idx:
-                tokens = state[1][:, 1:]
-                outs.append(tokens.reshape(tokens.shape[0], H, W, -1).permute(0, 3, 1, 2))  # -> (B, C, H, W)
-        return outs
+        grid = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return self.token_intermediates(x, indices, lambda state: tokens_to_map(state[1][:, 1:], grid))  # outer
 
     @staticmethod
     def remap(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

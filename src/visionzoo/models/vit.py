@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
+from visionzoo.backbone import Backbone, FeatureInfo, tokens_to_map
 from visionzoo.layers import (
     Attention,
     ClassifierHead,
@@ -200,17 +200,8 @@ class VisionTransformer(Backbone):
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None = None
                               ) -> list[Tensor]:
         """Patch tokens of the chosen blocks (before the final norm) as ``(B, D, H/p, W/p)`` maps."""
-        idx = resolve_indices(indices, len(self.blocks), self.name)
-        self.check_input(x)
-        H, W = x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1]
-        x = self.forward_stem(x)
-        outs = []
-        for i, block in enumerate(self.blocks[:idx[-1] + 1]):
-            x = self.run_stage(block, x)
-            if i in idx:
-                tokens = x[:, self.num_prefix_tokens:]
-                outs.append(tokens.reshape(x.shape[0], H, W, -1).permute(0, 3, 1, 2))  # (B, HW, D) -> (B, D, H, W)
-        return outs
+        grid = x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1]
+        return self.token_intermediates(x, indices, lambda t: tokens_to_map(t[:, self.num_prefix_tokens:], grid))
 
     # --- head -------------------------------------------------------------------------------------------
     @property
