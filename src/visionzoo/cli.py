@@ -8,11 +8,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from visionzoo.backbone import require_logits
 from visionzoo.errors import ArgumentError, NotFoundError, VisionZooError
+
+if TYPE_CHECKING:
+    from visionzoo.train.data import DataSplits
 
 
 def _console():
@@ -314,7 +318,7 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_train(args: argparse.Namespace) -> int:
     from visionzoo.train import dist
-    from visionzoo.train.loop import build_model, fit, seed_everything
+    from visionzoo.train.loop import fit
 
     if args.task != "cls":
         return _train_dense(args)
@@ -325,10 +329,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     info = dist.setup(args.device)
     try:
-        splits = _load_splits(args)
-        seed_everything(args.seed)
-        model = build_model(args.model, splits.num_classes, splits.in_chans, _resolve_img_size(args, splits),
-                            args.patch_size, drop_path_rate=args.drop_path, **_model_args(args.model_arg))
+        splits, model = _data_and_model(args)
         if args.init:
             from visionzoo.weights import load_checkpoint
 
@@ -380,9 +381,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_and_model(args: argparse.Namespace) -> tuple[DataSplits, torch.nn.Module]:
+    """The data splits and the seeded, freshly built model of a ``train`` or ``pretrain`` run."""
+    from visionzoo.train.loop import build_model, seed_everything
+
+    splits = _load_splits(args)
+    seed_everything(args.seed)
+    model = build_model(args.model, splits.num_classes, splits.in_chans, _resolve_img_size(args, splits),
+                        args.patch_size, drop_path_rate=args.drop_path, **_model_args(args.model_arg))
+    return splits, model
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from visionzoo.train import dist
-    from visionzoo.train.loop import build_model, seed_everything
     from visionzoo.train.pretrain import pretrain
 
     cfg = _train_config(args)
@@ -390,10 +401,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     info = dist.setup(args.device)
     try:
-        splits = _load_splits(args)
-        seed_everything(args.seed)
-        model = build_model(args.model, splits.num_classes, splits.in_chans, _resolve_img_size(args, splits),
-                            args.patch_size, drop_path_rate=args.drop_path, **_model_args(args.model_arg))
+        splits, model = _data_and_model(args)
         res = pretrain(model, splits, args.method, cfg, args.out, resume=args.resume, dist_info=info,
                        mask_ratio=args.mask_ratio, mask_stride=args.mask_stride)
         if info.is_main and res.metrics is not None:
