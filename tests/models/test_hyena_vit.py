@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from visionzoo import create_model, tokens
-from visionzoo.models.hyena_vit import HyenaAttnBlock, HyenaBlock, HyenaViT, long_conv_direct, long_conv_fft
+from visionzoo.layers import PreNormBlock
+from visionzoo.models.hyena_vit import HyenaBlock, HyenaViT, long_conv_direct, long_conv_fft
 
 torch.set_num_threads(1)
 
@@ -26,7 +27,7 @@ def test_long_convolution_forms_equal_explicit_sums(H, W):
 def test_filter_layout_and_methods():
     model = create_model("hyena_vit_test", num_classes=10)
     kinds = [type(b) for b in model.blocks]
-    assert kinds == [HyenaBlock] * 3 + [HyenaAttnBlock] * 2  # hyena2dattn: Hyena up to block depth // 2
+    assert kinds == [HyenaBlock] * 3 + [PreNormBlock] * 2  # hyena2dattn: Hyena up to block depth // 2
     assert [b.attn.flip for b in model.blocks[:3]] == [True, False, True]  # "seq": even blocks flipped
     f = model.blocks[0].attn.filter_fn
     h = f.filter2d(torch.zeros(1, 1, 4, 4))

@@ -24,7 +24,7 @@ from .spectral_stages import (
 )
 from .sr_attention import SpatialReductionAttention
 from .stage import DownsampleStage
-from .token_block import TokenBlock
+from .token_block import PreNormBlock, TokenBlock
 from .tracing import is_tracing, trace_leaf
 from .wavelet import HaarDWT, haar_dwt2d
 from .window import (
@@ -51,3 +51,4 @@ __all__ = [
 __all__ += ["ClassAttentionHead", "SpectralAttention", "SpectralGatingFilter", "SpectralStage", "build_spectral_stages",
             "conv_bn_relu_stem", "global_filter", "remap_spectral_stages"]
 __all__ += ["DAFF", "SOPE", "Affine", "head_tokens", "square_grid"]
+__all__ += ["PreNormBlock"]

@@ -19,7 +19,11 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from .attention import AttentionCore
+from .act import LayerType
+from .attention import Attention, AttentionCore
+from .drop import DropPath
+from .mlp import Mlp
+from .norm import get_norm
 
 
 class TokenBlock(nn.Module):
@@ -72,3 +76,22 @@ class TokenBlock(nn.Module):
             return self.token_hook(self, x)
         x = x + self.attn_branch(x)
         return x + self.mlp_branch(x)
+
+
+class PreNormBlock(TokenBlock):
+    """The standard pre-norm transformer block (timm's ``Block``): ``x + attn(norm1(x))``, then
+    ``x + mlp(norm2(x))``, with the shared ``Attention`` and ``Mlp``; ``mlp`` passes another feed-forward module
+    (ViTamin's GeGLU). State-dict names: ``norm1``, ``attn``, ``norm2``, ``mlp``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, norm_layer: LayerType = "ln", act_layer: LayerType = "gelu",
+                 prefix_tokens: int = 0, attn_type: str = "softmax", mlp: nn.Module | None = None) -> None:
+        super().__init__()
+        norm = get_norm(norm_layer)
+        self.norm1 = norm(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, prefix_tokens=prefix_tokens,
+                              attn_type=attn_type)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm(dim)
+        self.mlp = mlp if mlp is not None else Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()

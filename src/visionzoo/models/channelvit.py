@@ -29,11 +29,8 @@ from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
 from visionzoo.layers import (
-    Attention,
-    DropPath,
     LayerType,
-    Mlp,
-    TokenBlock,
+    PreNormBlock,
     drop_path_rates,
     get_norm,
     init_linear,
@@ -110,19 +107,12 @@ class ChannelPatchEmbed(nn.Module):
         return x.permute(0, 2, 3, 4, 1)  # (B, D, C, H', W') -> (B, C, H', W', D)
 
 
-class ChannelViTBlock(TokenBlock):
+class ChannelViTBlock(PreNormBlock):
     """Pre-norm transformer block (DINO's ViT block): x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, norm_layer: LayerType = "ln", act_layer: LayerType = "gelu") -> None:
-        super().__init__()
-        norm = get_norm(norm_layer)
-        self.norm1 = norm(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, prefix_tokens=1)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, drop_path, norm_layer, act_layer, prefix_tokens=1)
         self.query_grid: tuple[int, int] | None = None  # (C * H, W), set by the model in eager mode
 
     def attn_branch(self, x: Tensor, attend: Callable[[Tensor], Tensor] | None = None) -> Tensor:

@@ -23,13 +23,12 @@ from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
 from visionzoo.layers import (
-    Attention,
     AttentionCore,
     DropPath,
     LayerType,
     Mlp,
     PatchEmbed,
-    TokenBlock,
+    PreNormBlock,
     drop_path_rates,
     get_norm,
     init_trunc_normal,
@@ -130,20 +129,6 @@ class GPSABlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class ConViTBlock(TokenBlock):
-    """Pre-norm multi-head self-attention block over ``[class, patches]`` tokens (the token seam)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
-                 norm_layer: LayerType, act_layer: LayerType) -> None:
-        super().__init__()
-        norm = get_norm(norm_layer)
-        self.norm1 = norm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, prefix_tokens=1)
-        self.drop_path1 = self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
-
-
 class ConViT(Backbone):
     """Patchify, add a learned position table, GPSA blocks on the patch map, then a class token and MHSA blocks.
 
@@ -186,7 +171,7 @@ class ConViT(Backbone):
         self.blocks = nn.ModuleList([
             GPSABlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], locality_strength, norm_layer, act_layer)
             if i < local_up_to_layer else
-            ConViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_layer, act_layer)
+            PreNormBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_layer, act_layer, prefix_tokens=1)
             for i in range(depth)])
         self.norm = get_norm(norm_layer)(embed_dim)
         self.set_feature_info([FeatureInfo(embed_dim, patch_size, f"blocks.{i}") for i in range(depth)])

@@ -29,13 +29,11 @@ from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
 from visionzoo.layers import (
-    Attention,
     AttentionCore,
     ClassifierHead,
     DropPath,
     LayerType,
-    Mlp,
-    TokenBlock,
+    PreNormBlock,
     drop_path_rates,
     get_norm,
     init_linear,
@@ -82,21 +80,6 @@ class CrossViTPatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)  # (B, C, H, W) -> (B, D, H/p, W/p)
-
-
-class CrossViTBlock(TokenBlock):
-    """A branch's pre-norm ViT block: x + attn(norm1(x)), then x + mlp(norm2(x)) (``TokenBlock.forward``)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
-                 norm_layer: LayerType) -> None:
-        super().__init__()
-        norm = get_norm(norm_layer)
-        self.norm1 = norm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, prefix_tokens=1)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
 
 class CrossAttention(nn.Module):
@@ -147,8 +130,8 @@ class MultiScaleBlock(nn.Module):
         super().__init__()
         n = len(dims)
         self.blocks = nn.ModuleList([
-            nn.Sequential(*[CrossViTBlock(dims[b], num_heads[b], mlp_ratio[b], qkv_bias, drop_path[i], norm_layer)
-                            for i in range(depth[b])]) for b in range(n)])
+            nn.Sequential(*[PreNormBlock(dims[b], num_heads[b], mlp_ratio[b], qkv_bias, drop_path[i], norm_layer,
+                                         prefix_tokens=1) for i in range(depth[b])]) for b in range(n)])
         self.projs = nn.ModuleList([_proj(dims[b], dims[(b + 1) % n], norm_layer) for b in range(n)])
         self.fusion = nn.ModuleList([
             CrossAttentionBlock(dims[(b + 1) % n], num_heads[(b + 1) % n], qkv_bias, drop_path[-1], norm_layer)

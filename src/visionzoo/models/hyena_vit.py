@@ -35,12 +35,11 @@ from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
 from visionzoo.layers import (
-    Attention,
     DropPath,
     LayerNorm,
     Mlp,
     PatchEmbed,
-    TokenBlock,
+    PreNormBlock,
     drop_path_rates,
     init_linear,
     is_tracing,
@@ -192,19 +191,6 @@ class HyenaBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class HyenaAttnBlock(TokenBlock):
-    """Pre-norm transformer block (DeiT's), ``TokenBlock.forward``."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=True)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-
 class HyenaViT(Backbone):
     """DeiT with Hyena N-D token mixers (all blocks, or a hybrid with attention).
 
@@ -247,7 +233,7 @@ class HyenaViT(Backbone):
                 flip = directional_mode == "seq" and i % 2 == 0
                 blocks.append(HyenaBlock(embed_dim, side, mlp_ratio, filter_order, flip, dpr[i]))
             else:
-                blocks.append(HyenaAttnBlock(embed_dim, num_heads, mlp_ratio, dpr[i]))
+                blocks.append(PreNormBlock(embed_dim, num_heads, mlp_ratio, True, dpr[i]))
         self.blocks = nn.Sequential(*blocks)
         self.hyena_blocks = sum(isinstance(b, HyenaBlock) for b in blocks)
         self.has_attention = self.hyena_blocks < depth

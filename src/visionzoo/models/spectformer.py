@@ -36,14 +36,13 @@ from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
 from visionzoo.layers import (
-    Attention,
     ClassAttentionHead,
     DropPath,
     LayerNorm,
     Mlp,
     PatchEmbed,
+    PreNormBlock,
     SpectralGatingFilter,
-    TokenBlock,
     build_spectral_stages,
     conv_bn_relu_stem,
     drop_path_rates,
@@ -117,19 +116,6 @@ class SpectFormerFilterBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(self.filter(self.norm1(x)))))
 
 
-class SpectFormerAttnBlock(TokenBlock):
-    """Pre-norm transformer block on tokens ``(B, N, C)`` (``TokenBlock.forward``)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=True)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-
 class SpectFormerViT(Backbone):
     """Vanilla SpectFormer: patchify, add a position table, ``spectral_layers`` filter blocks on the token map,
     transformer blocks on the tokens, LayerNorm, mean over tokens.
@@ -166,7 +152,7 @@ class SpectFormerViT(Backbone):
         dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
             SpectFormerFilterBlock(embed_dim, grid, mlp_ratio, dpr[i]) if i < spectral_layers
-            else SpectFormerAttnBlock(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth)])
+            else PreNormBlock(embed_dim, num_heads, mlp_ratio, True, dpr[i]) for i in range(depth)])
         self.norm = LayerNorm(embed_dim)
         self.set_feature_info([FeatureInfo(embed_dim, patch_size, f"blocks.{i}") for i in range(depth)])
         self.init_head(embed_dim, num_classes, drop_rate, pool_type="avg")

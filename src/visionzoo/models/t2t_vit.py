@@ -30,12 +30,10 @@ from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo, tokens_to_map
 from visionzoo.layers import (
-    Attention,
     AttentionCore,
-    DropPath,
     LayerType,
     Mlp,
-    TokenBlock,
+    PreNormBlock,
     drop_path_rates,
     get_norm,
     init_trunc_normal,
@@ -166,21 +164,14 @@ class T2TModule(nn.Module):
         return self.project(x)  # (B, hw, c k k) -> (B, hw, D)
 
 
-class T2TBlock(TokenBlock):
-    """Pre-norm ViT block (no qkv bias): x + attn(norm1(x)), then x + mlp(norm2(x)) (``TokenBlock.forward``)."""
+class T2TBlock(PreNormBlock):
+    """Pre-norm ViT block without qkv bias, with T2T-ViT's attention scale (``qk_scale``) where it sets one."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_scale: float | None, drop_path: float,
                  norm_layer: LayerType) -> None:
-        super().__init__()
-        norm = get_norm(norm_layer)
-        self.norm1 = norm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=False, prefix_tokens=1)
+        super().__init__(dim, num_heads, mlp_ratio, False, drop_path, norm_layer, prefix_tokens=1)
         if qk_scale is not None:
             self.attn.scale = qk_scale
-        self.drop_path1 = self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
 
 class T2TViT(Backbone):
     """T2T module, class token, fixed sinusoidal positions, ViT blocks, final norm, class-token head.

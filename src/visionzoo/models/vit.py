@@ -27,13 +27,10 @@ from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo, tokens_to_map
 from visionzoo.layers import (
-    Attention,
     ClassifierHead,
-    DropPath,
     LayerType,
-    Mlp,
     PatchEmbed,
-    TokenBlock,
+    PreNormBlock,
     attn_types_per_block,
     drop_path_rates,
     get_norm,
@@ -54,23 +51,6 @@ def pos_embed_for(pos_embed: Tensor, x: Tensor, grid_size: tuple[int, int], num_
 
     One opaque node under FX (the resample depends on the concrete grid)."""
     return resample_abs_pos_embed(pos_embed, tuple(x.shape[1:3]), grid_size, num_prefix_tokens=num_prefix_tokens)
-
-
-class ViTBlock(TokenBlock):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)) (``TokenBlock.forward``)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, norm_layer: LayerType = "ln", act_layer: LayerType = "gelu",
-                 prefix_tokens: int = 1, attn_type: str = "softmax") -> None:
-        super().__init__()
-        norm = get_norm(norm_layer)
-        self.norm1 = norm(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, prefix_tokens=prefix_tokens,
-                              attn_type=attn_type)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
 
 class DeiTHead(ClassifierHead):
@@ -151,8 +131,9 @@ class VisionTransformer(Backbone):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
         dpr = drop_path_rates(drop_path_rate, depth)
         self.attn_type = attn_type
-        self.blocks = nn.Sequential(*[ViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_layer, act_layer,
-                                               self.num_prefix_tokens, attn_types[i]) for i in range(depth)])
+        self.blocks = nn.Sequential(*[PreNormBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_layer,
+                                                   act_layer, self.num_prefix_tokens, attn_types[i])
+                                      for i in range(depth)])
         use_fc_norm = global_pool == "avg"
         norm = get_norm(norm_layer)
         self.norm = nn.Identity() if use_fc_norm else norm(embed_dim)

@@ -29,11 +29,10 @@ from torch import Tensor, nn
 
 from visionzoo.backbone import Backbone, FeatureInfo, resolve_indices
 from visionzoo.layers import (
-    Attention,
     DropPath,
     LayerNorm,
     LayerNorm2d,
-    TokenBlock,
+    PreNormBlock,
     drop_path_rates,
     is_meta,
     resample_abs_pos_embed,
@@ -162,19 +161,6 @@ class GeGluMlp(nn.Module):
         return self.w2(self.act(self.w0(x)) * self.w1(x))
 
 
-class ViTaminBlock(TokenBlock):
-    """Pre-norm transformer block with a GeGLU MLP (``TokenBlock.forward``); no class token."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 2.0, drop_path: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=True)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm(dim)
-        self.mlp = GeGluMlp(dim, int(dim * mlp_ratio))
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-
 class ViTamin(Backbone):
     """MBConv stages to stride 16, then GeGLU transformer blocks over the tokens, average pool, norm, classifier.
 
@@ -209,7 +195,9 @@ class ViTamin(Backbone):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim)) \
             if pos_embed else None
         dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.Sequential(*[ViTaminBlock(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth)])
+        self.blocks = nn.Sequential(*[PreNormBlock(embed_dim, num_heads, drop_path=dpr[i],  # with a GeGLU MLP
+                                                   mlp=GeGluMlp(embed_dim, int(embed_dim * mlp_ratio)))
+                                      for i in range(depth)])
         convs = [FeatureInfo(d, 4 * 2 ** i, f"patch_embed.backbone.stages.{i}") for i, d in enumerate(conv_dims)]
         self.set_feature_info(convs + [FeatureInfo(embed_dim, 16, f"blocks.{i}") for i in range(depth)])
         self.init_head(embed_dim, num_classes, drop_rate, "ln", "avg")
