@@ -183,7 +183,7 @@ class Backbone(nn.Module):
         return x
 
     def forward_norm(self, x: Tensor) -> Tensor:
-        """The final norm on the last stage's output; returns NCHW."""
+        """The final norm on the last stage's output: NCHW for map families, tokens for token families."""
         return x
 
     # --- the contract -----------------------------------------------------------------------------

@@ -194,12 +194,9 @@ class LookupViT(Backbone):
     def stage_modules(self) -> list[nn.Module]:
         return list(self.blocks)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """All tokens ``(B, M + N, D)`` after the final norm: the compressed ones, then the lookup grid."""
-        self.check_input(x)
-        x = self.forward_stem(x)
-        for block in self.blocks:
-            x = self.run_stage(block, x)
+    def forward_norm(self, x: Tensor) -> Tensor:
+        """``forward_features`` gives all tokens ``(B, M + N, D)`` after this final norm: the compressed ones, then
+        the lookup grid."""
         return self.norm(x)
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None = None

@@ -112,15 +112,7 @@ class NiNformer(Backbone):
         return self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, D, H/p, W/p) -> (B, N, D)
 
     def stage_modules(self) -> list[nn.Module]:
-        return list(self.blocks)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Tokens ``(B, N, D)`` after the last block (the official model has no final norm)."""
-        self.check_input(x)
-        x = self.forward_stem(x)
-        for block in self.blocks:
-            x = self.run_stage(block, x)
-        return x
+        return list(self.blocks)  # no final norm (the official model has none): forward_norm is the identity
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None = None
                               ) -> list[Tensor]:

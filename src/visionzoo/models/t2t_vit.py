@@ -225,12 +225,8 @@ class T2TViT(Backbone):
     def stage_modules(self) -> list[nn.Module]:
         return list(self.blocks)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Tokens ``(B, 1 + N, D)`` after the final norm."""
-        self.check_input(x)
-        x = self.forward_stem(x)
-        for block in self.blocks:
-            x = self.run_stage(block, x)
+    def forward_norm(self, x: Tensor) -> Tensor:
+        """``forward_features`` gives tokens ``(B, 1 + N, D)`` after this final norm."""
         return self.norm(x)
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None = None

@@ -214,12 +214,9 @@ class ViR(Backbone):
     def stage_modules(self) -> list[nn.Module]:
         return list(self.blocks)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Tokens ``(B, 1 + N, D)`` after the final norm, the class token moved to the front."""
-        self.check_input(x)
-        x = self.forward_stem(x)
-        for block in self.blocks:
-            x = self.run_stage(block, x)
+    def forward_norm(self, x: Tensor) -> Tensor:
+        """``forward_features`` gives tokens ``(B, 1 + N, D)`` after this final norm, the class token moved to the
+        front."""
         x = self.norm(x)
         return torch.cat([x[:, -1:], x[:, :-1]], dim=1)
 

@@ -170,12 +170,9 @@ class VisionTransformer(Backbone):
     def stage_modules(self) -> list[nn.Module]:
         return list(self.blocks)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Tokens ``(B, N, D)`` after the final norm (before it when ``global_pool="avg"``, as in timm)."""
-        self.check_input(x)
-        x = self.forward_stem(x)
-        for block in self.blocks:
-            x = self.run_stage(block, x)
+    def forward_norm(self, x: Tensor) -> Tensor:
+        """``forward_features`` gives tokens ``(B, N, D)`` after this final norm (the identity when
+        ``global_pool="avg"``, as in timm)."""
         return self.norm(x)
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | tuple[int, ...] | None = None
