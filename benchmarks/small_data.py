@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peft-init", default=None, help="the ViT pretraining method PEFT starts from (default: the first)")
     p.add_argument("--lora-rank", type=int, default=2)
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA's alpha (default: the rank, scaling 1)")
+    p.add_argument("--peft-positions", action="store_true",
+                   help="PEFT also trains the position table (apply_peft positions=True, LoRAT's pos_embed_trainable)")
     p.add_argument("--peft-methods", nargs="+", default=[m for m, _ in PEFT], choices=[m for m, _ in PEFT],
                    help="the PEFT methods to compare with full fine-tuning")
     p.add_argument("--vit-arch", default="", help="ViT overrides, e.g. embed_dim=192,depth=4,num_heads=3 (the "
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         total = trainable
         lr = 1e-3
         if peft is not None:
-            h = apply_peft(model, peft[0], **peft[1])
+            h = apply_peft(model, peft[0], **peft[1], positions=args.peft_positions)
             trainable, total = h.trainable_params, h.total_params
             lr = args.peft_lr
         epochs = min(3 * args.epochs, max(args.epochs, math.ceil(args.epochs * 150 / max(1, len(sub.train)))))
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["peft"].append(row)
                 accs.append(row["top1"])
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            label = "full" if peft is None else f"{peft[0]} {peft[1] or ''}"
+            label = "full" if peft is None else f"{peft[0]} {peft[1] or ''}{' +pos' * args.peft_positions}"
             print(f"PEFT vit_test+{init} {fraction:.0%} labels  {label:28s} top-1 {statistics.mean(accs):6.2f} +- "
                   f"{sd:5.2f}  trainable {row['trainable']:,}/{row['total']:,} "
                   f"({100 * row['trainable'] / row['total']:.1f}%)", flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -137,6 +138,17 @@ def test_no_weight_decay_names_exist(name, tiny_model):
     nwd = model.no_weight_decay()
     assert isinstance(nwd, set)
     assert nwd <= set(dict(model.named_parameters()))
+
+
+def test_position_tables_name_every_learned_position_table(name, tiny_model):
+    """``position_tables()`` (what ``--peft-positions`` trains) names exactly the parameters named as absolute
+    positions (``pos_embed``, ``pos_embed_0``, ``patch_pos``...); a family naming its table otherwise sets
+    ``position_keys``. Relative bias tables are not among them."""
+    model = tiny_model(name)
+    tables = model.position_tables()
+    named = {n for n, _ in model.named_parameters() if re.search(r"(^|_)pos(_embed)?(_\d+)?$", n.rsplit(".", 1)[-1])}
+    assert set(tables) == named
+    assert not any("relative" in n for n in tables)
 
 
 def test_checkpoint_round_trip(name, tiny_model, tmp_path):

@@ -85,6 +85,8 @@ class Backbone(nn.Module):
         kind: ``"convnet"``, ``"vit"`` or ``"hybrid"``.
         min_input_size, input_multiple: the smallest input side and the multiple every side must be.
         no_weight_decay_keys: parameter-name endings excluded from weight decay.
+        position_keys: parameter-name endings of the absolute position tables (learned positions added to the
+            tokens); ``position_tables()`` names them. Default ``("pos_embed",)``, the library's name for them.
         first_conv: state-dict prefix of the first conv (adapted when ``in_chans`` differs).
         cpu_channels_last: run on a channels-last (NHWC) copy of the input on CPU. oneDNN's convolutions are
             much faster on NHWC there (resnet50 eager at batch 32 on 2 cores: 14.7 -> 19.3 img/s); every later
@@ -111,6 +113,7 @@ class Backbone(nn.Module):
     min_input_size: int = 32
     input_multiple: int = 32
     no_weight_decay_keys: tuple[str, ...] = ()
+    position_keys: tuple[str, ...] = ("pos_embed",)
     first_conv: str = "stem.0"
     classifier: str = "head.fc"
     cpu_channels_last: bool = False
@@ -305,6 +308,12 @@ class Backbone(nn.Module):
         """Names of parameters that should get no weight decay (position tables, tokens, bias tables)."""
         keys = self.no_weight_decay_keys
         return {n for n, _ in self.named_parameters() if keys and n.rsplit(".", 1)[-1] in keys}
+
+    def position_tables(self) -> list[str]:
+        """Names of the absolute position tables (parameters whose name ends in one of ``position_keys``); empty for a
+        model that has none (relative bias tables and fixed sin-cos buffers are not among them)."""
+        keys = self.position_keys
+        return [n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in keys]
 
     def fuse(self) -> Backbone:
         """Re-parameterise for inference, in place; returns ``self``.

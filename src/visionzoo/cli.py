@@ -324,6 +324,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_dense(args)
     if args.head is not None:
         raise ArgumentError(f"--head {args.head} is for dense tasks; add --task seg, det or sr")
+    if args.peft_positions and not args.peft:
+        raise ArgumentError("--peft-positions adds the position tables to a PEFT method's trainable parameters; add "
+                            "--peft lora (or another method), or drop --peft-positions to fine-tune everything")
     cfg = _train_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -343,7 +346,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             from visionzoo.train.peft import apply_peft
 
             peft = apply_peft(model, args.peft, rank=args.rank, alpha=args.lora_alpha, prompts=args.prompts,
-                              deep=args.deep_prompts)
+                              deep=args.deep_prompts, positions=args.peft_positions)
             if info.is_main:
                 print(peft.summary())
         hooks = {}
@@ -948,6 +951,8 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
     g.add_argument("--prompts", type=int, default=10, help="prompt tokens (prompt) or query tokens per block (vqt)")
     g.add_argument("--deep-prompts", action="store_true", help="prompt: new prompts before every block (deep VPT)")
+    g.add_argument("--peft-positions", action="store_true",
+                   help="also train the absolute position tables (LoRAT's pos_embed_trainable)")
     g.add_argument("--tract", type=float, default=None, metavar="LAMBDA",
                    help="TrAct: precondition the first layer's update (lambda, the paper's default 0.1)")
     g.add_argument("--spt", action="store_true", help="Shifted Patch Tokenization (plain ViTs)")

@@ -70,6 +70,24 @@ def test_peft_freezes_exactly_what_it_says(name):
                     assert torch.equal(p, before[n]), n
 
 
+@pytest.mark.parametrize("name", ["vit_test", "crossvit_test", "tnt_test", "resnet_test"])
+def test_peft_positions_trains_the_position_tables_too(name):
+    """--peft-positions adds exactly ``position_tables()`` to what LoRA trains; a model without one is refused."""
+    model = _model(name).train()
+    tables = set(model.position_tables())
+    if not tables:
+        with pytest.raises(ArgumentError, match="no.*position_tables.*drop --peft-positions"):
+            apply_peft(model, "bitfit", positions=True)
+        assert all(p.requires_grad for p in model.parameters())  # refused before freezing anything
+        return
+    plain = set(apply_peft(_model(name), "lora", rank=2).trainable)
+    h = apply_peft(model, "lora", rank=2, positions=True)
+    assert set(h.trainable) == plain | tables and not plain & tables
+    assert h.spec == "lora:rank=2,alpha=2.0,positions=True"
+    model(_x(model)).square().mean().backward()
+    assert all(model.get_parameter(n).grad is not None for n in tables)
+
+
 @pytest.mark.parametrize("name", [n for n in TEST_MODELS if _has_linear(_model(n)) and _model(n).output == "logits"])
 def test_lora_merge_is_exact(name):
     model = _model(name).eval()
@@ -274,6 +292,7 @@ def test_train_peft_lora_cli_writes_a_merged_plain_checkpoint(tmp_path):
 @pytest.mark.parametrize("spec", [{"spt": True, "lsa": True, "peft": {"method": "vqt", "prompts": 2}},
                                   {"lsa": True, "peft": {"method": "prompt", "prompts": 3, "deep": True}},
                                   {"peft": {"method": "lora", "rank": 2, "alpha": 2.0}},
+                                  {"peft": {"method": "lora", "rank": 2, "alpha": 2.0, "positions": True}},
                                   {"lsa": True, "dhvt": True, "peft": {"method": "bitfit"}}])
 def test_adapter_spec_rebuilds_the_trained_model(spec):
     """What training records (``adapter_spec``) rebuilds a model that loads the trained state dict strictly."""

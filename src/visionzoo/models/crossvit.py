@@ -197,6 +197,7 @@ class CrossViT(Backbone):
     takes_img_size = True
     takes_patch_size = False
     no_weight_decay_keys = ("cls_token_0", "cls_token_1", "pos_embed_0", "pos_embed_1")
+    position_keys = ("pos_embed_0", "pos_embed_1")
     first_conv = "patch_embed.0.proj"
 
     def __init__(self, img_size: int = 240, img_scale: tuple[float, float] = (1.0, 224 / 240),

@@ -137,6 +137,7 @@ class TNT(Backbone):
     min_input_size = 16
     input_multiple = 16
     no_weight_decay_keys = ("patch_pos", "pixel_pos", "cls_token")
+    position_keys = ("patch_pos", "pixel_pos")
     first_conv = "pixel_embed.proj"
     no_token_reduction_reason = ("each block adds the word (pixel) stream of every patch to that patch's token, so "
                                  "the patch tokens cannot be merged or dropped")

@@ -23,6 +23,11 @@ trainable/total counts. Methods:
 * ``bitfit`` (Ben Zaken et al., ACL 2022, https://arxiv.org/abs/2106.10199): every bias.
 * ``linear``: the classifier alone (linear probe).
 
+``positions=True`` (``--peft-positions``) also trains the model's absolute position tables
+(``model.position_tables()``), as LoRAT's ``pos_embed_trainable`` option does: the one part of a ViT's input embedding
+that LoRA cannot adapt (a table, not a linear map). On small data it is what closes the gap to full fine-tuning
+(README, "Learning with little data"). A model without such a table is refused.
+
 Models that are not plain token models take ``lora`` (when they have Linear layers), ``bitfit`` and ``linear``; the
 others are refused with the methods that apply. BatchNorm running statistics still update in training mode.
 """
@@ -217,7 +222,7 @@ def _is_fused_qkv(name: str, linear: nn.Linear) -> bool:
 
 
 def apply_peft(model: nn.Module, method: str, rank: int = 8, alpha: float | None = None, prompts: int = 10,
-               deep: bool = False) -> PeftHandle:
+               deep: bool = False, positions: bool = False) -> PeftHandle:
     """Freeze ``model`` and add ``method``'s trainable parameters, in place; see the module docstring."""
     if method not in PEFT_METHODS:
         raise ArgumentError(f"peft must be one of {PEFT_METHODS}, got {method!r}")
@@ -230,6 +235,11 @@ def apply_peft(model: nn.Module, method: str, rank: int = 8, alpha: float | None
         raise ArgumentError("peft needs a model with a classifier (num_classes > 0)")
     if getattr(model, "token_reduction", None) is not None:
         raise ArgumentError("peft cannot be combined with token reduction (both use TokenBlock.token_hook)")
+    tables = model.position_tables() if positions and hasattr(model, "position_tables") else []
+    if positions and not tables:
+        raise ArgumentError(f"{getattr(model, 'name', type(model).__name__)}: --peft-positions trains the absolute "
+                            "position tables and this model has none (position_tables() is empty); drop "
+                            "--peft-positions")
     blocks = _token_blocks(model)
     head_names = _classifier_names(model)
     head_mods = {n: model.get_submodule(n) for n in head_names}
@@ -275,6 +285,10 @@ def apply_peft(model: nn.Module, method: str, rank: int = 8, alpha: float | None
                 p.requires_grad_(True)
     for m in head_mods.values():
         m.requires_grad_(True)
+    if positions:
+        options["positions"] = True
+        for n in tables:
+            model.get_parameter(n).requires_grad_(True)
     for m in model.modules():  # the method's own parameters
         if isinstance(m, (LoRA, PromptHook, VQTHook)):
             m.requires_grad_(True)
