@@ -4,10 +4,10 @@
     PYTHONPATH=src python benchmarks/deploy_vs_runtimes.py convnext_tiny -b 8 --threads 1 --no-inductor
 
 For each model and batch size, ``visionzoo.deploy(backend="auto", cache=False)`` builds every backend (eager,
-eager_tuned, inductor, onnxruntime, openvino), checks each against eager fp32 (1e-4 relative) and times them
-interleaved (A A, B B, ..., A A, ...; medians) for ``--budget`` seconds. From those medians it prints:
+eager_tuned, inductor, torchscript, onnxruntime, openvino), checks each against eager fp32 (1e-4 relative) and times
+them interleaved (A A, B B, ..., A A, ...; medians) for ``--budget`` seconds. From those medians it prints:
 
-- torch-native / onnxruntime: the best of eager, eager_tuned and inductor over onnxruntime (target >= 1.0);
+- torch-native / onnxruntime: the best of eager, eager_tuned, inductor and torchscript over onnxruntime (target >= 1.0);
 - auto / max(onnxruntime, openvino): deploy's choice over the faster exported runtime (target >= 1.0);
 - eager_tuned / eager: what the per-CPU Linear kernel and fuse() give over the model as given (>= 1.0).
 
@@ -38,7 +38,7 @@ from visionzoo.runtime.backends import BACKENDS, unavailable, versions  # noqa: 
 from visionzoo.runtime.cpu import cpu_info  # noqa: E402
 
 MODELS = ["convnext_tiny", "swin_tiny_patch4_window7_224", "deit_small_patch16_224", "resnet50"]
-TORCH_NATIVE = ("eager", "eager_tuned", "inductor")
+TORCH_NATIVE = ("eager", "eager_tuned", "inductor", "torchscript")
 
 
 def _ratio(a: float | None, b: float | None) -> str:

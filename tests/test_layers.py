@@ -135,3 +135,18 @@ def test_sope_downsamples_by_its_patch(patch, convs):
     m = SOPE(3, 64, patch).eval()
     assert sum(isinstance(c, torch.nn.Conv2d) for c in m.modules()) == convs
     assert m(torch.randn(1, 3, 64, 64)).shape == (1, 64, 64 // patch, 64 // patch)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(6, 4), nn.Linear(6, 4, bias=False), nn.Conv2d(3, 4, 3, padding=1)])
+def test_fold_channel_scale_moves_a_layer_scale_into_the_layer(layer):
+    from visionzoo.layers import fold_channel_scale
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6) if isinstance(layer, nn.Linear) else torch.randn(2, 3, 5, 5)
+    gamma = torch.rand(4) + 0.5
+    with torch.no_grad():
+        want = layer(x) * (gamma if isinstance(layer, nn.Linear) else gamma.view(-1, 1, 1))
+        fold_channel_scale(layer, gamma)
+        assert torch.allclose(layer(x), want, atol=1e-6)
+    with pytest.raises(ValueError, match="3 scales for a layer with 4 output channels"):
+        fold_channel_scale(layer, torch.ones(3))

@@ -1016,6 +1016,7 @@ def add_train_commands(sub) -> None:  # noqa: ANN001
 
 def build_parser() -> argparse.ArgumentParser:
     from visionzoo import __version__
+    from visionzoo.bench.schema import BACKENDS as BENCH_BACKENDS
 
     p = argparse.ArgumentParser(prog="visionzoo", description="Vision backbones under one API, measured fairly.")
     p.add_argument("--version", action="version", version=f"visionzoo {__version__} (torch {torch.__version__})")
@@ -1028,7 +1029,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "int8"), default="fp32",
                    help="fp32; bf16 (refused where it measures slower than fp32, except on --backend eager, which "
                         "autocasts); fp16 (--backend eager); int8 (dynamic quantization: eager or onnxruntime)")
-    s.add_argument("--backend", choices=("eager", "eager_tuned", "inductor", "onnxruntime", "openvino", "auto"),
+    s.add_argument("--backend", choices=BENCH_BACKENDS,
                    default="eager_tuned",
                    help="what runs inference (default eager_tuned: torch eager after fuse(), each Linear on the "
                         "kernel measured fastest on this CPU, the same for every architecture; eager: the model as "
@@ -1038,7 +1039,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile (optionally a mode, e.g. max-autotune); compile time reported apart")
     s.add_argument("--fuse", action="store_true", help="model.fuse(): deploy re-parameterisation")
     s.add_argument("--candidates", nargs="+", default=None, metavar="BACKEND",
-                   choices=("eager", "eager_tuned", "inductor", "onnxruntime", "openvino"),
+                   choices=BENCH_BACKENDS[:-1],
                    help="the backends --backend auto tries (default: all; inductor compiles for minutes per model)")
     s.add_argument("--deploy", action="store_true",
                    help="--backend auto: each model on visionzoo.deploy's fastest backend for this CPU (cached)")

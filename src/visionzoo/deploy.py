@@ -5,7 +5,7 @@
     print(fast.record.summary())                                      # what ran, why, every candidate's speed
 
 ``backend="auto"`` builds every backend that can run here (``visionzoo.runtime.backends``: eager, eager_tuned,
-inductor, onnxruntime, openvino), checks each against eager fp32 on the example input, times the ones that
+inductor, torchscript, onnxruntime, openvino), checks each against eager fp32 on the example input, times the ones that
 agree (interleaved in blocks, A A, B B, C C, A A, ...; medians), and keeps the fastest. fp32 candidates
 must agree within ``tol`` (default 1e-4, relative: max |diff| over max |eager|); precision is lowered only when
 ``dtype`` asks for it, and then the record gives the agreement with fp32 (relative difference, top-1 agreement on
@@ -38,7 +38,7 @@ from visionzoo.runtime.cpu import cpu_info
 
 __all__ = ["Candidate", "DeployRecord", "Deployed", "deploy"]
 
-TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "int8": 0.25}  # relative: max |diff| / max |eager fp32|
+TOLERANCE = B.TOLERANCE  # relative: max |diff| / max |eager fp32|
 
 
 @dataclass

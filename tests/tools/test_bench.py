@@ -181,6 +181,21 @@ def test_cli_bench_names_the_backend(tmp_path, capsys):
     assert "every architecture on one backend: eager" in out
 
 
+def test_bench_takes_every_deploy_backend_and_names_each():
+    """The bench's backends are deploy's (plus auto), each with the line that says what it runs; the
+    TorchScript one runs a row at two batch sizes (a plan per shape)."""
+    from visionzoo.bench.report import BACKEND_NOTES
+    from visionzoo.bench.schema import BACKENDS
+    from visionzoo.runtime.backends import BACKENDS as DEPLOY
+
+    assert BACKENDS == (*DEPLOY, "auto") and set(BACKEND_NOTES) == set(DEPLOY)
+    rows = run(["resnet_test"], BenchConfig(**{**ONE, "batch_sizes": (1, 2)}, backend="torchscript"))
+    assert [r.infer_batch_size for r in rows] == [1, 2]
+    for r in rows:
+        assert r.status != "error", r.error
+        assert r.backend == "torchscript" and "oneDNN Graph" in r.backend_detail and r.backend_rel_diff <= 1e-4
+
+
 def test_int8_rows_run_through_deploy():
     (r,) = run(["convnext_test"], BenchConfig(dtype="int8", **ONE))
     assert r.status != "error", r.error

@@ -111,6 +111,45 @@ def test_exported_backend_parity_fp32(backend, model_x):
         assert _rel(fast(x), model(x)) <= FP32_TOL
 
 
+@pytest.mark.parametrize("name", ["resnet_test", "swin_test"])
+def test_torchscript_parity_fp32_and_a_plan_per_shape(name, tiny_model):
+    """TorchScript + oneDNN Graph: within 1e-4 of eager at the example and at another batch (its own plan), and
+    the process-wide fusion switch is left as it was."""
+    model = tiny_model(name)
+    x = make_input(model)
+    fast = deploy(model, x, backend="torchscript", budget=0)
+    assert fast.record.backend == "torchscript" and "oneDNN Graph" in fast.record.why + str(fast.record.candidates)
+    x3 = make_input(model, batch=3, seed=1)
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) <= FP32_TOL
+        assert _rel(fast(x3), model(x3)) <= FP32_TOL
+    assert not torch._C._jit_llga_enabled()
+
+
+def test_torchscript_plan_that_differs_from_eager_is_not_used(tiny_model, monkeypatch):
+    """A plan off by more than the tolerance fails the build at the example input (auto skips it, with the
+    reason), and at a later shape that shape runs eager, with a warning."""
+    model = tiny_model("resnet_test")
+    x = make_input(model)
+    freeze = torch.jit.freeze
+
+    def off(m, *a, **k):  # a plan whose output is shifted: as oneDNN Graph's wrong fusions are
+        frozen = freeze(m, *a, **k)
+        return lambda t: frozen(t) + 1.0
+    monkeypatch.setattr(torch.jit, "freeze", off)
+    rec = deploy(model, x, candidates=("eager", "torchscript"), budget=0, cache=False).record
+    c = {c.backend: c for c in rec.candidates}["torchscript"]
+    assert c.status == "failed" and "differs from eager" in c.reason and rec.backend == "eager"
+    monkeypatch.setattr(torch.jit, "freeze", freeze)
+    fast = deploy(model, x, backend="torchscript", budget=0)
+    monkeypatch.setattr(torch.jit, "freeze", off)
+    x3 = make_input(model, batch=3, seed=1)
+    with pytest.warns(UserWarning, match=r"input \(3, .*runs eager.*differs from eager"):
+        y3 = fast(x3)
+    with torch.no_grad():
+        assert _rel(y3, model(x3)) <= FP32_TOL
+
+
 @pytest.mark.slow
 def test_inductor_parity_fp32(model_x):
     _skip_unless("inductor")

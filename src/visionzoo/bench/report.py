@@ -201,6 +201,7 @@ BACKEND_NOTES = {
     "eager_tuned": "torch eager after fuse(), every Linear/Conv2d and attention on the kernel measured fastest on this "
                    "CPU",
     "inductor": "torch.compile with freezing",
+    "torchscript": "TorchScript trace + freeze with oneDNN Graph fusion, checked per input shape",
     "onnxruntime": "onnxruntime CPU on the exported ONNX",
     "openvino": "OpenVINO CPU on the exported ONNX",
 }

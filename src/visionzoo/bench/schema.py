@@ -7,12 +7,13 @@ from typing import Any
 import torch
 
 from visionzoo.errors import ArgumentError
+from visionzoo.runtime.backends import BACKENDS as DEPLOY_BACKENDS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BENCH_DTYPES = (*DTYPES, "int8")  # int8: through visionzoo.deploy's backends (dynamic quantization)
 # eager: the model as given (--fuse, --channels-last, --compile apply); every other one is visionzoo.deploy's
 # backend of that name (auto: deploy's measured choice per model and batch size)
-BACKENDS = ("eager", "eager_tuned", "inductor", "onnxruntime", "openvino", "auto")
+BACKENDS = (*DEPLOY_BACKENDS, "auto")
 DEFAULT_BACKEND = "eager_tuned"  # one backend for every architecture, each Linear on the kernel fastest here
 MODES = ("infer", "train", "both")
 OMP_POLICIES = ("passive", "active", "inherit")
@@ -183,7 +184,7 @@ class BenchResult:
     channels_last: bool = False
     fused: bool = False
     compile: str = ""
-    backend: str = ""  # what ran the inference rows (eager, eager_tuned, inductor, onnxruntime, openvino)
+    backend: str = ""  # what ran the inference rows (one of DEPLOY_BACKENDS)
     backend_detail: str = ""  # e.g. "fused; 37 Linear on onednn (1.28x aten on the calibration shapes)"
     backend_rel_diff: float | None = None  # max |out - eager fp32| / max |eager fp32| on the timed input
     backend_build_s: float | None = None  # export/compile/pack time of the backend, apart from the timing

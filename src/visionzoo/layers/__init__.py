@@ -2,7 +2,7 @@
 from .act import LayerType, get_act
 from .attention import Attention, AttentionCore
 from .class_token import LastStageClassTokenMixin
-from .conv import fold_bn, fold_bn_into_conv, fold_conv_bn_children, fuse_conv_bn_pairs
+from .conv import fold_bn, fold_bn_into_conv, fold_channel_scale, fold_conv_bn_children, fuse_conv_bn_pairs
 from .conv_tokens import DAFF, SOPE, Affine, head_tokens, square_grid
 from .drop import DropPath, drop_path, drop_path_rates
 from .head import ClassifierHead
@@ -43,8 +43,8 @@ __all__ = [
     "HaarDWT",
     "LastStageClassTokenMixin", "LayerNorm", "LayerNorm2d", "LayerType", "MapTokenBlock", "Mlp", "PatchEmbed",
     "SpatialReductionAttention", "TokenBlock", "drop_path", "drop_path_rates", "fold_bn", "fold_bn_into_conv",
-    "fold_conv_bn_children", "fuse_conv_bn_pairs", "get_act", "get_norm", "haar_dwt2d", "init_linear",
-    "init_trunc_normal", "is_meta", "is_tracing", "resample_abs_pos_embed", "to_2tuple", "trace_leaf",
+    "fold_channel_scale", "fold_conv_bn_children", "fuse_conv_bn_pairs", "get_act", "get_norm", "haar_dwt2d",
+    "init_linear", "init_trunc_normal", "is_meta", "is_tracing", "resample_abs_pos_embed", "to_2tuple", "trace_leaf",
     "window_partition", "window_reverse", "PARTITIONS", "block_partition", "block_reverse", "grid_partition",
     "grid_reverse",
 ]

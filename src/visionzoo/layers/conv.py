@@ -1,8 +1,8 @@
-"""Convolution helpers: BatchNorm folding for deploy forms."""
+"""Convolution helpers: BatchNorm and layer-scale folding for deploy forms."""
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @torch.no_grad()
@@ -19,6 +19,23 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     fused.bias.copy_(beta + (bias - bn.running_mean) * scale)
     return fused
+
+
+@torch.no_grad()
+def fold_channel_scale(layer: nn.Module, scale: Tensor) -> None:
+    """Fold a per-output-channel ``scale`` (a layer scale ``gamma``, any shape with ``out`` elements) into the
+    ``nn.Linear`` or ``nn.Conv2d`` whose output it multiplies, in place: ``layer(x) * scale`` becomes ``layer(x)``.
+    A block's ``fuse()`` calls it and drops its ``gamma``, which saves a multiply per block and leaves graph
+    compilers (oneDNN Graph) a plain linear/conv."""
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"fold_channel_scale: expected nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+    out = layer.weight.shape[0]
+    s = scale.detach().reshape(-1).to(layer.weight.dtype)
+    if s.numel() != out:
+        raise ValueError(f"fold_channel_scale: {s.numel()} scales for a layer with {out} output channels")
+    layer.weight.mul_(s.view(-1, *([1] * (layer.weight.dim() - 1))))
+    if layer.bias is not None:
+        layer.bias.mul_(s)
 
 
 def fold_conv_bn_children(m: nn.Module) -> int:

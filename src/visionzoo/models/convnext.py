@@ -22,6 +22,7 @@ from visionzoo.layers import (
     LayerType,
     Mlp,
     drop_path_rates,
+    fold_channel_scale,
     init_trunc_normal,
     is_tracing,
 )
@@ -48,6 +49,12 @@ class ConvNeXtBlock(nn.Module):
             self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=act_layer)
         self.gamma = nn.Parameter(torch.full((dim,), float(ls_init))) if ls_init is not None else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def fuse(self) -> None:
+        """Fold the layer scale into the MLP's last layer (``fold_channel_scale``)."""
+        if self.gamma is not None:
+            fold_channel_scale(self.mlp.fc2, self.gamma)
+            self.gamma = None
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x

@@ -32,6 +32,7 @@ from visionzoo.layers import (
     LayerNorm2d,
     LayerType,
     drop_path_rates,
+    fold_channel_scale,
     get_act,
     init_trunc_normal,
     is_tracing,
@@ -156,6 +157,15 @@ class HorNetBlock(nn.Module):
         self.gamma1 = nn.Parameter(torch.full((dim,), float(ls_init))) if ls_init else None
         self.gamma2 = nn.Parameter(torch.full((dim,), float(ls_init))) if ls_init else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def fuse(self) -> None:
+        """Fold the layer scales into the last layer of the gnConv (``proj_out``) and of the MLP (``pwconv2``)."""
+        if self.gamma1 is not None:
+            fold_channel_scale(self.gnconv.proj_out, self.gamma1)
+            self.gamma1 = None
+        if self.gamma2 is not None:
+            fold_channel_scale(self.pwconv2, self.gamma2)
+            self.gamma2 = None
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.gnconv(self.norm1(x))

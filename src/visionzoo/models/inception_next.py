@@ -25,6 +25,7 @@ from visionzoo.layers import (
     LayerType,
     drop_path_rates,
     fold_bn_into_conv,
+    fold_channel_scale,
     get_act,
     init_trunc_normal,
 )
@@ -75,10 +76,13 @@ class InceptionNeXtBlock(nn.Module):
         return x + self.drop_path(y)
 
     def fuse(self) -> None:
-        """Fold the BatchNorm into the MLP's first 1x1 conv after it."""
+        """Fold the BatchNorm into the MLP's first 1x1 conv after it, and the layer scale into its last one."""
         if isinstance(self.norm, nn.BatchNorm2d):
             self.mlp.fc1 = fold_bn_into_conv(self.norm, self.mlp.fc1)
             self.norm = nn.Identity()
+        if self.gamma is not None:
+            fold_channel_scale(self.mlp.fc2, self.gamma)
+            self.gamma = None
 
 
 class InceptionNeXtStage(nn.Module):

@@ -5,6 +5,7 @@
 | `eager`       | ✓ | autocast | dynamic-quantized Linear | the model as given, under `inference_mode` |
 | `eager_tuned` | ✓ | autocast, bf16 packed | - | `fuse()`, each Linear/Conv2d on the kernel measured fastest |
 | `inductor`    | ✓ | autocast | - | `torch.compile`, freezing: weights folded, prepacked (oneDNN where faster) |
+| `torchscript` | ✓ | traced under autocast | - | `torch.jit.trace` + `freeze`, with oneDNN Graph fusion (LLGA) |
 | `onnxruntime` | ✓ | - | dynamic quantization | the ONNX file of `visionzoo.export.onnx` |
 | `openvino`    | ✓ | bf16 inference precision | - | the same ONNX file, compiled by OpenVINO for this CPU |
 
@@ -26,19 +27,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from visionzoo.errors import ArgumentError, BackendUnavailable
+from visionzoo.errors import ArgumentError, BackendUnavailable, VisionZooError
 from visionzoo.layers import AttentionCore
 from visionzoo.runtime.attention import AttentionChoice, tune_attention
 from visionzoo.runtime.cpu import cpu_name, has_bf16
 from visionzoo.runtime.kernels import OPS, count_swapped, fast_kernels, kernel_choice
 
-BACKENDS = ("eager", "eager_tuned", "inductor", "onnxruntime", "openvino")
+BACKENDS = ("eager", "eager_tuned", "inductor", "torchscript", "onnxruntime", "openvino")
 DTYPES = ("fp32", "bf16", "int8")
+TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "int8": 0.25}  # relative: max |diff| / max |eager fp32| (deploy's default)
 SUPPORTS = {"eager": ("fp32", "bf16", "int8"), "eager_tuned": ("fp32", "bf16"), "inductor": ("fp32", "bf16"),
-            "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+            "torchscript": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
 WHY_NOT = {("onnxruntime", "bf16"): "onnxruntime's CPU provider has no bf16 kernels for these graphs",
            ("eager_tuned", "int8"): "int8 Linear has one torch kernel (dynamic quantization): use backend 'eager'",
            ("inductor", "int8"): "int8 through inductor needs PT2E quantization (torchao), not wired here",
+           ("torchscript", "int8"): "int8 through TorchScript's oneDNN Graph needs static quantization, not wired here",
            ("openvino", "int8"): "int8 through OpenVINO needs NNCF post-training quantization, not wired here"}
 
 
@@ -245,6 +248,71 @@ def _inductor(dtype: str, shared: Shared) -> Built:
                  f"{shared.fuse_note or 'no fuse()'}", module=compiled)
 
 
+def _torchscript(dtype: str, shared: Shared) -> Built:
+    """The fused model traced and frozen by TorchScript, with oneDNN Graph fusion (LLGA) switched on while it is
+    traced and profiled: oneDNN then runs whole chains (conv + bias + add + ReLU, linear + GELU) as one partition
+    with its own primitives and layouts, as onnxruntime's and OpenVINO's graph passes do.
+
+    A plan is traced per input shape (the profiled graph is specialised to it), on first use, and checked there
+    against the eager model (``TOLERANCE``): oneDNN Graph's fusion gives wrong outputs on some graphs (TNT: 0.28
+    relative, torch 2.13) and tracing bakes shape-dependent Python in. A plan that fails or differs is not used:
+    at the example input the build fails with the reason (``auto`` skips the backend); at a later shape that shape
+    runs the eager model, with a warning. TorchScript is deprecated in favour of torch.compile/torch.export but
+    still ships."""
+    model = shared.fused
+    cl = bool(getattr(model, "cpu_channels_last", False)) and shared.x.dim() == 4
+    amp = dtype == "bf16"
+    eager = _torch_runner(model, dtype)
+    plans: dict[tuple[int, ...], Callable[[Tensor], Tensor]] = {}
+
+    def traced(x: Tensor) -> Callable[[Tensor], Tensor]:
+        was = torch._C._jit_llga_enabled()
+        torch.jit.enable_onednn_fusion(True)
+        try:
+            with warnings.catch_warnings(), torch.no_grad(), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+                warnings.simplefilter("ignore", DeprecationWarning)  # trace/freeze: deprecated, still shipped
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # checked below, on this shape's output
+                m = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False))
+                for _ in range(3):  # the profiling runs after which the executor fuses and specialises
+                    m(x)
+        finally:
+            torch.jit.enable_onednn_fusion(was)
+
+        def run(x: Tensor, m=m) -> Tensor:  # noqa: ANN001
+            with torch.no_grad():
+                y = m(x)
+            return y.float() if amp else y
+        with torch.inference_mode():
+            ref = model(x).float()
+        got = run(x)
+        rel = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item() if got.shape == ref.shape else None
+        if rel is None or not rel <= TOLERANCE[dtype]:
+            raise VisionZooError(f"the oneDNN Graph plan for input {tuple(x.shape)} differs from eager "
+                                 f"({'output shape ' + str(tuple(got.shape)) if rel is None else f'{rel:.1e} relative'}"
+                                 f", over {TOLERANCE[dtype]:.0e})")
+        return run
+
+    def run(x: Tensor) -> Tensor:
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        key = tuple(x.shape)
+        if key not in plans:
+            if not plans:  # the example input: a failure fails the build
+                plans[key] = traced(x)
+            else:
+                try:
+                    plans[key] = traced(x)
+                except Exception as e:  # noqa: BLE001
+                    warnings.warn(f"deploy torchscript: input {key} runs eager: {e}", stacklevel=2)
+                    plans[key] = eager
+        return plans[key](x)
+    run(shared.x)  # trace, freeze, fuse and check now, so build time holds it
+    return Built(run, f"TorchScript (trace + freeze, a plan per input shape, each checked against eager) with "
+                 f"oneDNN Graph fusion{', channels-last' if cl else ''}{', traced under bf16 autocast' if amp else ''}"
+                 f"; {shared.fuse_note or 'no fuse()'}", module=model)
+
+
 def _onnxruntime(dtype: str, shared: Shared) -> Built:
     import onnxruntime as ort
 
@@ -298,5 +366,5 @@ def _openvino(dtype: str, shared: Shared) -> Built:
                  f"static-shape compile per input shape; {shared.fuse_note or 'no fuse()'}")
 
 
-_BUILDERS = {"eager": _eager, "eager_tuned": _eager_tuned, "inductor": _inductor, "onnxruntime": _onnxruntime,
-             "openvino": _openvino}
+_BUILDERS = {"eager": _eager, "eager_tuned": _eager_tuned, "inductor": _inductor, "torchscript": _torchscript,
+             "onnxruntime": _onnxruntime, "openvino": _openvino}
