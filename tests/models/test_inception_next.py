@@ -26,11 +26,12 @@ def test_fuse_folds_every_bn_and_works_on_meta():
     with torch.device("meta"):
         model = create_model("inception_next_atto").eval()
         n_bn = sum(2 * m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        n_gamma = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".gamma"))
         before = sum(p.numel() for p in model.parameters())
         model.fuse()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    # every fold adds nothing: conv biases already exist, so the BN affines are simply gone
-    assert sum(p.numel() for p in model.parameters()) == before - n_bn
+    # every fold adds nothing: conv biases already exist, so the BN affines and the layer scales are simply gone
+    assert n_gamma > 0 and sum(p.numel() for p in model.parameters()) == before - n_bn - n_gamma
 
 
 def _to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
