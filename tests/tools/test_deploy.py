@@ -300,7 +300,7 @@ def test_bf16_slower_than_fp32_is_refused_with_the_ratio(model_x, monkeypatch):
 
 
 @pytest.mark.skipif(not has_bf16(), reason="this CPU has no bf16 hardware (avx512_bf16, AMX or Arm BF16)")
-@pytest.mark.parametrize("backend", ["eager", "eager_tuned"])
+@pytest.mark.parametrize("backend", ["eager", "eager_tuned", "torchscript"])
 def test_bf16_reports_agreement_with_fp32(backend, model_x):
     model, x = model_x
     rec = deploy(model, x, backend=backend, dtype="bf16", budget=0).record

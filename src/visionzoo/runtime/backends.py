@@ -254,7 +254,7 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     with its own primitives and layouts, as onnxruntime's and OpenVINO's graph passes do.
 
     A plan is traced per input shape (the profiled graph is specialised to it), on first use, and checked there
-    against the eager model (``TOLERANCE``): oneDNN Graph's fusion gives wrong outputs on some graphs (TNT: 0.28
+    against the eager model (``TOLERANCE``): oneDNN Graph's fusion gives wrong outputs on some graphs (TNT: 0.28-0.5
     relative, torch 2.13) and tracing bakes shape-dependent Python in. A plan that fails or differs is not used:
     at the example input the build fails with the reason (``auto`` skips the backend); at a later shape that shape
     runs the eager model, with a warning. TorchScript is deprecated in favour of torch.compile/torch.export but
