@@ -22,7 +22,6 @@ import contextlib
 import difflib
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -127,17 +126,6 @@ def model_key(model: nn.Module) -> str:
     return f"{name}:{digest}"
 
 
-def _agreement(out: Tensor, ref: Tensor) -> tuple[float, float | None]:
-    out, ref = out.float(), ref.float()
-    if out.shape != ref.shape:
-        raise VisionZooError(f"output shape {tuple(out.shape)} differs from eager's {tuple(ref.shape)}")
-    if not torch.isfinite(out).all():
-        return math.inf, None
-    rel = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-    top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item() if ref.dim() == 2 and ref.shape[-1] > 1 else None
-    return rel, top1
-
-
 def time_interleaved(fns: dict[str, Callable[[], object]], budget: float, min_rounds: int = 3,
                      max_rounds: int = 50, block: int = 2, gap: float = 0.02) -> dict[str, float]:
     """Median seconds per call of each function, timed in turn in blocks of ``block`` calls (A A, B B, C C, A A, ...)
@@ -232,7 +220,7 @@ def deploy(model: nn.Module, example_input: Tensor, backend: str = "auto", dtype
 
 def _from_cache(rec: DeployRecord, shared: B.Shared, ref: Tensor, tol: float) -> Deployed:
     built = B.build(rec.backend, rec.dtype, shared)
-    rel, top1 = _agreement(built.run(shared.x), ref)
+    rel, top1 = B.agreement(built.run(shared.x), ref)
     if not rel <= tol:
         raise VisionZooError(f"cached backend {rec.backend} now differs by {rel:.1e}")
     rec.cached, rec.rel_diff, rec.top1_agreement = True, rel, top1
@@ -255,7 +243,7 @@ def _choose(model: nn.Module, x: Tensor, ref: Tensor, pool: tuple[str, ...], dty
             continue
         try:
             got = B.build(b, dtype, shared)
-            rel, top1 = _agreement(got.run(x), ref)
+            rel, top1 = B.agreement(got.run(x), ref)
         except Exception as e:  # noqa: BLE001  (a backend that fails is skipped, with its reason)
             if requested != "auto":
                 raise

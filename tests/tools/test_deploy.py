@@ -123,7 +123,7 @@ def test_torchscript_parity_fp32_and_a_plan_per_shape(name, tiny_model):
     with torch.no_grad():
         assert _rel(fast(x), model(x)) <= FP32_TOL
         assert _rel(fast(x3), model(x3)) <= FP32_TOL
-    assert not torch._C._jit_llga_enabled()
+    assert not torch.jit.onednn_fusion_enabled()
 
 
 def test_torchscript_plan_that_differs_from_eager_is_not_used(tiny_model, monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import shutil
 import tempfile
@@ -107,6 +108,19 @@ class Shared:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp, self._onnx = None, None
+
+
+def agreement(out: Tensor, ref: Tensor) -> tuple[float, float | None]:
+    """``(relative difference, top-1 agreement)`` of ``out`` with the eager fp32 ``ref``: ``max |out - ref| / max
+    |ref|`` (inf when ``out`` is not finite) and the fraction of rows whose argmax matches (None unless logits)."""
+    out, ref = out.float(), ref.float()
+    if out.shape != ref.shape:
+        raise VisionZooError(f"output shape {tuple(out.shape)} differs from eager's {tuple(ref.shape)}")
+    if not torch.isfinite(out).all():
+        return math.inf, None
+    rel = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item() if ref.dim() == 2 and ref.shape[-1] > 1 else None
+    return rel, top1
 
 
 # --- availability ----------------------------------------------------------------------------------------
@@ -266,7 +280,7 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     plans: dict[tuple[int, ...], Callable[[Tensor], Tensor]] = {}
 
     def traced(x: Tensor) -> Callable[[Tensor], Tensor]:
-        was = torch._C._jit_llga_enabled()
+        was = torch.jit.onednn_fusion_enabled()
         torch.jit.enable_onednn_fusion(True)
         try:
             with warnings.catch_warnings(), torch.no_grad(), \
@@ -279,19 +293,17 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
         finally:
             torch.jit.enable_onednn_fusion(was)
 
-        def run(x: Tensor, m=m) -> Tensor:  # noqa: ANN001
+        def call(x: Tensor, m=m) -> Tensor:  # noqa: ANN001
             with torch.no_grad():
                 y = m(x)
             return y.float() if amp else y
         with torch.inference_mode():
             ref = model(x).float()
-        got = run(x)
-        rel = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item() if got.shape == ref.shape else None
-        if rel is None or not rel <= TOLERANCE[dtype]:
-            raise VisionZooError(f"the oneDNN Graph plan for input {tuple(x.shape)} differs from eager "
-                                 f"({'output shape ' + str(tuple(got.shape)) if rel is None else f'{rel:.1e} relative'}"
-                                 f", over {TOLERANCE[dtype]:.0e})")
-        return run
+        rel, _ = agreement(call(x), ref)
+        if not rel <= TOLERANCE[dtype]:
+            raise VisionZooError(f"the oneDNN Graph plan for input {tuple(x.shape)} differs from eager ({rel:.1e} "
+                                 f"relative, over {TOLERANCE[dtype]:.0e})")
+        return call
 
     def run(x: Tensor) -> Tensor:
         if cl:
