@@ -126,6 +126,68 @@ def test_torchscript_parity_fp32_and_a_plan_per_shape(name, tiny_model):
     assert not torch.jit.onednn_fusion_enabled()
 
 
+class _ConstantOperands(torch.nn.Module):
+    """A linear whose output meets frozen parameters through mul and add (layer scales, learned coefficients)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.scale, self.coef = torch.nn.Parameter(torch.rand(8) + 0.5), torch.nn.Parameter(torch.tensor([0.3]))
+        self.shift = torch.nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale + x * self.coef + self.shift + 2 * x
+
+
+def test_constant_operands_are_rewritten_to_sub_and_div():
+    """The frozen graph's mul/add with a constant tensor become div/sub (oneDNN Graph compiles those), the other
+    binary ops are left alone, and the outputs stay those of eager."""
+    torch.manual_seed(0)
+    m, x = _ConstantOperands().eval(), torch.randn(4, 8)
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.trace(m, x))
+        kinds = lambda: sorted(n.kind() for n in frozen.graph.nodes() if n.kind().startswith("aten::"))  # noqa: E731
+        before = kinds()
+        assert B.constant_operands_for_llga(frozen.graph) == 3  # * scale, * coef, + shift; not 2 * x nor x + x
+        after = kinds()
+        assert after.count("aten::div") == before.count("aten::div") + 2
+        assert after.count("aten::sub") == before.count("aten::sub") + 1
+        assert after.count("aten::mul") == before.count("aten::mul") - 2
+        assert _rel(frozen(x), m(x)) <= 1e-6
+
+
+def test_tanh_gelu_is_rewritten_so_the_onednn_graph_plan_keeps_fp32_accuracy():
+    """Linear, tanh-GELU, Linear through oneDNN Graph: its own tanh-GELU was 1.7e-4 off (relative); written out in
+    plain ops the plan agrees within 1e-5. The erf GELU is left alone."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(256, 64),
+                            torch.nn.GELU()).eval()
+    x = torch.randn(4, 49, 64)
+    was = torch.jit.onednn_fusion_enabled()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        with torch.no_grad():
+            plan = torch.jit.freeze(torch.jit.trace(m, x))
+            assert B.gelu_tanh_for_llga(plan.graph) == 1
+            gelus = [n for n in plan.graph.nodes() if n.kind() == "aten::gelu"]
+            assert len(gelus) == 1 and list(gelus[0].inputs())[1].toIValue() == "none"
+            for _ in range(3):  # profiling runs, then the fused plan
+                y = plan(x)
+            assert _rel(y, m(x)) <= 1e-5
+    finally:
+        torch.jit.enable_onednn_fusion(was)
+
+
+def test_torchscript_plan_for_a_model_with_learned_coefficients(tiny_model):
+    """SReT multiplies linear outputs by learned scalars; its plan builds (it failed in oneDNN Graph before the
+    rewrite above) and agrees with eager."""
+    model = tiny_model("sret_test")
+    x = make_input(model)
+    fast = deploy(model, x, backend="torchscript", budget=0)
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) <= FP32_TOL
+
+
 def test_torchscript_plan_that_differs_from_eager_is_not_used(tiny_model, monkeypatch):
     """A plan off by more than the tolerance fails the build at the example input (auto skips it, with the
     reason), and at a later shape that shape runs eager, with a warning."""
@@ -133,9 +195,15 @@ def test_torchscript_plan_that_differs_from_eager_is_not_used(tiny_model, monkey
     x = make_input(model)
     freeze = torch.jit.freeze
 
-    def off(m, *a, **k):  # a plan whose output is shifted: as oneDNN Graph's wrong fusions are
-        frozen = freeze(m, *a, **k)
-        return lambda t: frozen(t) + 1.0
+    class Shifted:  # a plan whose output is shifted: as oneDNN Graph's wrong fusions are
+        def __init__(self, frozen) -> None:
+            self.frozen, self.graph = frozen, frozen.graph
+
+        def __call__(self, t):
+            return self.frozen(t) + 1.0
+
+    def off(m, *a, **k):
+        return Shifted(freeze(m, *a, **k))
     monkeypatch.setattr(torch.jit, "freeze", off)
     rec = deploy(model, x, candidates=("eager", "torchscript"), budget=0, cache=False).record
     c = {c.backend: c for c in rec.candidates}["torchscript"]
@@ -380,6 +448,32 @@ def test_activations_in_a_sequential_and_a_conv_mlp_become_post_ops():
     fast = L.fast_kernels(seq, kernels="onednn")
     assert [fast[0].post_op, fast[2].post_op, fast[4].fc1.post_op] == ["gelu", "relu", "gelu"]
     assert isinstance(fast[1], torch.nn.Identity) and isinstance(fast[4].act, torch.nn.Identity)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        assert (fast(x) - seq(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.skipif(not L.onednn_available(), reason="this torch build has no oneDNN")
+def test_activation_after_a_folded_batchnorm_becomes_a_post_op_and_one_after_a_live_layer_does_not():
+    """conv, BN, ReLU: fuse() leaves conv, Identity, ReLU and the ReLU still folds; a dropout that is on, or a
+    layer that computes, keeps the activation where it is."""
+    from visionzoo.layers import fuse_conv_bn_pairs
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(8).eval()
+    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), bn, torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 1), torch.nn.Dropout(0.0), torch.nn.GELU(),
+                              torch.nn.Conv2d(8, 8, 1), torch.nn.Hardswish(), torch.nn.ReLU()).eval()
+    fused = copy.deepcopy(seq)
+    fuse_conv_bn_pairs(fused)
+    fast = L.fast_kernels(fused, kernels="onednn")
+    assert [fast[0].post_op, fast[3].post_op, fast[6].post_op] == ["relu", "gelu", "none"]
+    assert isinstance(fast[2], torch.nn.Identity) and isinstance(fast[5], torch.nn.Identity)
+    assert type(fast[8]) is torch.nn.ReLU  # after a Hardswish, not after the conv
+    dropout_on = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.Dropout(0.5), torch.nn.ReLU()).train()
+    kept = L.fast_kernels(dropout_on, kernels="onednn")
+    assert kept[0].post_op == "none" and type(kept[2]) is torch.nn.ReLU
     x = torch.randn(2, 8, 9, 9)
     with torch.no_grad():
         assert (fast(x) - seq(x)).abs().max().item() <= 1e-5

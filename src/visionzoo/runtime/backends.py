@@ -267,12 +267,14 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     traced and profiled: oneDNN then runs whole chains (conv + bias + add + ReLU, linear + GELU) as one partition
     with its own primitives and layouts, as onnxruntime's and OpenVINO's graph passes do.
 
-    A plan is traced per input shape (the profiled graph is specialised to it), on first use, and checked there
-    against the eager model (``TOLERANCE``): oneDNN Graph's fusion gives wrong outputs on some graphs (TNT: 0.28-0.5
-    relative, torch 2.13) and tracing bakes shape-dependent Python in. A plan that fails or differs is not used:
-    at the example input the build fails with the reason (``auto`` skips the backend); at a later shape that shape
-    runs the eager model, with a warning. TorchScript is deprecated in favour of torch.compile/torch.export but
-    still ships."""
+    Before profiling, two rewrites of the frozen graph work around oneDNN Graph faults of torch 2.13 (results
+    equal up to rounding): constant mul/add operands (``constant_operands_for_llga``) and tanh-GELU
+    (``gelu_tanh_for_llga``). A plan is traced per input shape (the profiled graph is specialised to it), on first
+    use, and checked there against the eager model (``TOLERANCE``): oneDNN Graph's fusion gives wrong outputs on some
+    graphs (TNT: 0.28-0.5 relative, torch 2.13) and tracing bakes shape-dependent Python in. A plan that fails or
+    differs is not used: at the example input the build fails with the reason (``auto`` skips the backend); at a
+    later shape that shape runs the eager model, with a warning. TorchScript is deprecated in favour of
+    torch.compile/torch.export but still ships."""
     model = shared.fused
     cl = bool(getattr(model, "cpu_channels_last", False)) and shared.x.dim() == 4
     amp = dtype == "bf16"
@@ -288,6 +290,8 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
                 warnings.simplefilter("ignore", DeprecationWarning)  # trace/freeze: deprecated, still shipped
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)  # checked below, on this shape's output
                 m = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False))
+                constant_operands_for_llga(m.graph)
+                gelu_tanh_for_llga(m.graph)
                 for _ in range(3):  # the profiling runs after which the executor fuses and specialises
                     m(x)
         finally:
@@ -323,6 +327,67 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     return Built(run, f"TorchScript (trace + freeze, a plan per input shape, each checked against eager) with "
                  f"oneDNN Graph fusion{', channels-last' if cl else ''}{', traced under bf16 autocast' if amp else ''}"
                  f"; {shared.fuse_note or 'no fuse()'}", module=model)
+
+
+def constant_operands_for_llga(graph: torch._C.Graph) -> int:
+    """Rewrite, in place, each ``aten::mul(a, C)`` as ``aten::div(a, 1 / C)`` and each ``aten::add(a, C)`` as
+    ``aten::sub(a, -C)``, where ``C`` is a constant floating tensor (a frozen parameter: a layer scale, a learned
+    coefficient, a position table); returns how many nodes it rewrote.
+
+    oneDNN Graph (torch 2.13) fails to compile a partition that holds a linear together with a mul or add whose
+    other operand is such a constant ("vector::_M_range_check", measured: ``Linear(x) * p``, ``x * p + Linear(x)``,
+    ``Linear(x) + p``, for ``p`` of shape (), (1,) or (C,)), and the whole plan fails with it (SReT's learned
+    coefficients). It compiles the same partition with sub and div. The add rewrite is exact; the mul one is within
+    an ulp (``1 / C`` is rounded), and the plan is checked against eager afterwards either way."""
+    n = 0
+    for kind, into in (("aten::mul", "aten::div"), ("aten::add", "aten::sub")):
+        for node in graph.findAllNodes(kind):
+            ins = list(node.inputs())
+            if len(ins) != (2 if kind == "aten::mul" else 3) or (kind == "aten::add" and ins[2].toIValue() != 1):
+                continue
+            const = [i for i in (0, 1) if ins[i].node().kind() == "prim::Constant"
+                     and isinstance(ins[i].toIValue(), Tensor) and ins[i].toIValue().is_floating_point()]
+            if len(const) != 1 or not isinstance(ins[1 - const[0]].type(), torch._C.TensorType):
+                continue
+            c = ins[const[0]].toIValue()
+            graph.setInsertPoint(node)
+            value = graph.insertConstant((1.0 / c.double()).to(c.dtype) if kind == "aten::mul" else -c)
+            new = graph.create(into, [ins[1 - const[0]], value, *ins[2:]], 1)
+            new.insertBefore(node)
+            new.output().setType(node.output().type())
+            node.output().replaceAllUsesWith(new.output())
+            node.destroy()
+            n += 1
+    return n
+
+
+def gelu_tanh_for_llga(graph: torch._C.Graph) -> int:
+    """Rewrite, in place, each ``aten::gelu(x, approximate="tanh")`` as its formula in plain ops,
+    ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``; returns how many nodes it rewrote.
+
+    oneDNN Graph's own tanh-GELU (torch 2.13) is off by 1.0-1.7e-4 relative after a linear (measured: Linear, GELU
+    tanh, Linear), over the fp32 tolerance, so MaxViT's plan was refused; the same partition built from mul, add and
+    tanh agrees with eager within 6e-7 and oneDNN Graph still fuses it."""
+    n = 0
+    for node in graph.findAllNodes("aten::gelu"):
+        x, approximate = node.inputs()
+        if approximate.toIValue() != "tanh":
+            continue
+        graph.setInsertPoint(node)
+
+        def op(kind: str, *args: torch._C.Value, node=node) -> torch._C.Value:  # noqa: ANN001
+            new = graph.create(kind, list(args), 1)
+            new.insertBefore(node)
+            new.output().setType(node.output().type())
+            return new.output()
+        const, one = graph.insertConstant, graph.insertConstant(1)
+        inner = op("aten::add", x, op("aten::mul", op("aten::mul", op("aten::mul", x, x), x), const(0.044715)), one)
+        tanh = op("aten::tanh", op("aten::mul", inner, const(math.sqrt(2 / math.pi))))
+        node.output().replaceAllUsesWith(op("aten::mul", op("aten::mul", x, const(0.5)),
+                                            op("aten::add", tanh, const(1.0), one)))
+        node.destroy()
+        n += 1
+    return n
 
 
 def _onnxruntime(dtype: str, shared: Shared) -> Built:

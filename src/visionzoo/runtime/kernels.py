@@ -361,8 +361,9 @@ def _post_op(act: nn.Module) -> tuple[str, str] | None:
 def fuse_activations(model: nn.Module) -> int:
     """Fold activations into the oneDNN layer before them, as oneDNN post-ops (one pass over the activations fewer);
     in place, inference only. Where it is certain that the activation reads only that layer's output: the shared
-    ``layers.Mlp`` (fc1, act) and ``layers.ConvMlp`` without a norm (fc1, act), and consecutive children of an
-    ``nn.Sequential``. Returns how many were folded."""
+    ``layers.Mlp`` (fc1, act) and ``layers.ConvMlp`` without a norm (fc1, act), and children of an ``nn.Sequential``
+    with nothing between them but ``nn.Identity`` (a BatchNorm that ``fuse()`` folded) or a dropout that is off.
+    Returns how many were folded."""
     from visionzoo.layers import ConvMlp, Mlp
 
     fast = (OneDNNLinear, OneDNNConv2d)
@@ -384,11 +385,19 @@ def fuse_activations(model: nn.Module) -> int:
             n += 1
         elif type(m) is nn.Sequential:
             kids = list(m.named_children())
-            for (_, a), (name_b, b) in zip(kids, kids[1:]):
-                if fold(a, b):
-                    setattr(m, name_b, nn.Identity())
+            for i, (_, a) in enumerate(kids):
+                j = i + 1
+                while j < len(kids) and _passes_through(kids[j][1]):  # a BN folded by fuse() left an Identity
+                    j += 1
+                if j < len(kids) and fold(a, kids[j][1]):
+                    setattr(m, kids[j][0], nn.Identity())
                     n += 1
     return n
+
+
+def _passes_through(m: nn.Module) -> bool:
+    """``m`` returns its input unchanged: ``nn.Identity``, or a dropout that is off."""
+    return type(m) is nn.Identity or (isinstance(m, nn.Dropout) and (not m.training or m.p == 0))
 
 
 def fast_linear(model: nn.Module, kernel: str | None = None, dtype: str = "fp32", inplace: bool = False,
