@@ -6,9 +6,11 @@ rfft2 grid ``h x w = H x (W//2 + 1)`` of the size it is built for. Another input
 (``align_corners=True``, as HorNet's global filter does) to the input's grid on the fly.
 
 Eager runs ``torch.fft``; while tracing (FX, torch.export, compile, ONNX) the same transform runs as real DFT matrix
-products at the traced size (``dft_filter``), which exporters and onnxruntime handle (no complex dtype). The two
-agree to float rounding. Half and bfloat16 inputs are filtered in float32 and cast back (the official code casts to
-float32 and keeps it); float64 stays float64.
+products at the traced size (``dft_filter``), which exporters and onnxruntime handle (no complex dtype).
+TorchScript's tracer gets the DFT form too, on purpose: with ``torch.fft`` in a traced graph, oneDNN Graph fusion
+(the ``torchscript`` deploy backend) corrupted the heap on SpectFormer-H (torch 2.13: the process aborted), while
+on the DFT form it fails with a clean error. The two forms agree to float rounding. Half and bfloat16 inputs are
+filtered in float32 and cast back (the official code casts to float32 and keeps it); float64 stays float64.
 
 This is not softmax attention: it goes through no ``AttentionCore``.
 """
