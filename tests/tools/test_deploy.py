@@ -178,10 +178,30 @@ def test_tanh_gelu_is_rewritten_so_the_onednn_graph_plan_keeps_fp32_accuracy():
         torch.jit.enable_onednn_fusion(was)
 
 
-def test_torchscript_plan_for_a_model_with_learned_coefficients(tiny_model):
-    """SReT multiplies linear outputs by learned scalars; its plan builds (it failed in oneDNN Graph before the
-    rewrite above) and agrees with eager."""
-    model = tiny_model("sret_test")
+def test_split_pieces_become_slices():
+    """Unpacked split / split_with_sizes pieces become slices with the split's bounds (the last to the end); a chunk
+    is left alone; outputs are unchanged."""
+    class Pieces(torch.nn.Module):
+        def forward(self, x):
+            a, b, c = x.split(5, dim=-1)  # 5, 5, 2
+            d, e = x.chunk(2, dim=1)
+            f, g = x.split([5, 7], dim=-1)
+            return a.sum(-1) + 2 * b.sum(-1) + 3 * c.sum(-1), d * e, f.sum(-1) - g.sum(-1)
+    x = torch.randn(2, 4, 12)
+    plan = torch.jit.freeze(torch.jit.trace(Pieces().eval(), x))
+    assert B.split_outputs_as_slices(plan.graph) == 2
+    kinds = [n.kind() for n in plan.graph.nodes()]
+    assert kinds.count("aten::slice") == 5 and "aten::split" not in kinds and "aten::split_with_sizes" not in kinds
+    assert "aten::chunk" in kinds
+    for got, want in zip(plan(x), Pieces()(x)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["sret_test", "t2t_vit_test"])
+def test_torchscript_plans_that_onednn_graph_could_not_compile(name, tiny_model):
+    """SReT multiplies linear outputs by learned scalars (the constant-operand rewrite); T2T-ViT's Performer adds a
+    split piece to a linear's output (the split rewrite). Each plan builds and agrees with eager."""
+    model = tiny_model(name)
     x = make_input(model)
     fast = deploy(model, x, backend="torchscript", budget=0)
     with torch.no_grad():

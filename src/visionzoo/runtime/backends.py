@@ -267,12 +267,12 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     traced and profiled: oneDNN then runs whole chains (conv + bias + add + ReLU, linear + GELU) as one partition
     with its own primitives and layouts, as onnxruntime's and OpenVINO's graph passes do.
 
-    Before profiling, two rewrites of the frozen graph work around oneDNN Graph faults of torch 2.13 (results
-    equal up to rounding): constant mul/add operands (``constant_operands_for_llga``) and tanh-GELU
-    (``gelu_tanh_for_llga``). A plan is traced per input shape (the profiled graph is specialised to it), on first
-    use, and checked there against the eager model (``TOLERANCE``): oneDNN Graph's fusion gives wrong outputs on some
-    graphs (TNT: 0.28-0.5 relative, torch 2.13) and tracing bakes shape-dependent Python in. A plan that fails or
-    differs is not used: at the example input the build fails with the reason (``auto`` skips the backend); at a
+    Before profiling, three rewrites of the frozen graph work around oneDNN Graph faults of torch 2.13 (results
+    equal up to rounding): constant mul/add operands (``constant_operands_for_llga``), tanh-GELU
+    (``gelu_tanh_for_llga``) and split pieces (``split_outputs_as_slices``). A plan is traced per input shape
+    (the profiled graph is specialised to it), on first use, and checked there against the eager model
+    (``TOLERANCE``): oneDNN Graph's fusion gives wrong outputs on some graphs (TNT: 0.28-0.5 relative, torch 2.13)
+    and tracing bakes shape-dependent Python in. A plan that fails or differs is not used: at the example input the build fails with the reason (``auto`` skips the backend); at a
     later shape that shape runs the eager model, with a warning. TorchScript is deprecated in favour of
     torch.compile/torch.export but still ships."""
     model = shared.fused
@@ -292,6 +292,7 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
                 m = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False))
                 constant_operands_for_llga(m.graph)
                 gelu_tanh_for_llga(m.graph)
+                split_outputs_as_slices(m.graph)
                 for _ in range(3):  # the profiling runs after which the executor fuses and specialises
                     m(x)
         finally:
@@ -386,6 +387,42 @@ def gelu_tanh_for_llga(graph: torch._C.Graph) -> int:
         node.output().replaceAllUsesWith(op("aten::mul", op("aten::mul", x, const(0.5)),
                                             op("aten::add", tanh, const(1.0), one)))
         node.destroy()
+        n += 1
+    return n
+
+
+def split_outputs_as_slices(graph: torch._C.Graph) -> int:
+    """Rewrite, in place, each ``aten::split`` / ``aten::split_with_sizes`` whose pieces are unpacked into one
+    ``aten::slice`` per piece (the same views); returns how many splits it rewrote.
+
+    oneDNN Graph (torch 2.13) fails to compile a partition where a piece of a split meets a linear's output in an
+    add ("vector::_M_range_check"; T2T-ViT's Performer: ``k, q, v = kqv(x).split(d)``, then ``v + proj(y)``), and
+    compiles it when the piece is a slice. The bounds are the split's constants, so no size is needed: the last
+    piece runs to the end."""
+    n = 0
+    for unpack in graph.findAllNodes("prim::ListUnpack"):
+        split = unpack.input().node()
+        if split.kind() not in ("aten::split", "aten::split_with_sizes") or len(list(split.inputs())) != 3:
+            continue
+        x, size, dim = split.inputs()
+        size, dim, pieces = size.toIValue(), dim.toIValue(), list(unpack.outputs())
+        if not isinstance(dim, int) or not (isinstance(size, int) or (isinstance(size, list) and
+                                                                          len(size) == len(pieces))):
+            continue
+        sizes = size if isinstance(size, list) else [size] * len(pieces)
+        graph.setInsertPoint(unpack)
+        start = 0
+        for i, piece in enumerate(pieces):
+            end = None if i == len(pieces) - 1 else start + sizes[i]
+            args = [x, *(graph.insertConstant(v) for v in (dim, start, end, 1))]
+            sliced = graph.create("aten::slice", args, 1)
+            sliced.insertBefore(unpack)
+            sliced.output().setType(piece.type())
+            piece.replaceAllUsesWith(sliced.output())
+            start = end
+        unpack.destroy()
+        if not split.output().uses():
+            split.destroy()
         n += 1
     return n
 
