@@ -272,9 +272,9 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     (``gelu_tanh_for_llga``) and split pieces (``split_outputs_as_slices``). A plan is traced per input shape
     (the profiled graph is specialised to it), on first use, and checked there against the eager model
     (``TOLERANCE``): oneDNN Graph's fusion gives wrong outputs on some graphs (TNT: 0.28-0.5 relative, torch 2.13)
-    and tracing bakes shape-dependent Python in. A plan that fails or differs is not used: at the example input the build fails with the reason (``auto`` skips the backend); at a
-    later shape that shape runs the eager model, with a warning. TorchScript is deprecated in favour of
-    torch.compile/torch.export but still ships."""
+    and tracing bakes shape-dependent Python in. A plan that fails or differs is not used: at the example input the
+    build fails with the reason (``auto`` skips the backend); at a later shape that shape runs the eager model, with
+    a warning. TorchScript is deprecated in favour of torch.compile/torch.export but still ships."""
     model = shared.fused
     cl = bool(getattr(model, "cpu_channels_last", False)) and shared.x.dim() == 4
     amp = dtype == "bf16"
