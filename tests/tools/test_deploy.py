@@ -197,10 +197,39 @@ def test_split_pieces_become_slices():
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("name", ["sret_test", "t2t_vit_test"])
+def test_sums_with_a_layer_norm_are_rewritten_and_the_plan_agrees():
+    """c + LayerNorm(a) and LayerNorm(a) + c through oneDNN Graph: its fused LayerNorm + add was 0.5 off (relative);
+    as a subtraction of the negation the plan agrees within 1e-5."""
+    torch.manual_seed(0)
+
+    class Sums(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1, self.ln2 = torch.nn.LayerNorm(64), torch.nn.LayerNorm(64)
+            torch.nn.init.uniform_(self.ln1.weight, 0.5, 1.5), torch.nn.init.normal_(self.ln2.bias)
+
+        def forward(self, a, c):
+            return c + self.ln1(a), self.ln2(c) + a, a + c
+    m, a, c = Sums().eval(), torch.randn(2, 49, 64), torch.randn(2, 49, 64)
+    was = torch.jit.onednn_fusion_enabled()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        with torch.no_grad():
+            plan = torch.jit.freeze(torch.jit.trace(m, (a, c)))
+            assert B.layer_norm_sums_for_llga(plan.graph) == 2  # not a + c
+            for _ in range(3):
+                out = plan(a, c)
+            for got, want in zip(out, m(a, c)):
+                assert _rel(got, want) <= 1e-5
+    finally:
+        torch.jit.enable_onednn_fusion(was)
+
+
+@pytest.mark.parametrize("name", ["sret_test", "t2t_vit_test", "tnt_test"])
 def test_torchscript_plans_that_onednn_graph_could_not_compile(name, tiny_model):
     """SReT multiplies linear outputs by learned scalars (the constant-operand rewrite); T2T-ViT's Performer adds a
-    split piece to a linear's output (the split rewrite). Each plan builds and agrees with eager."""
+    split piece to a linear's output (the split rewrite); TNT adds a LayerNorm's output to its patch tokens (the
+    LayerNorm-sum rewrite; its plan was 0.27 off). Each plan builds and agrees with eager."""
     model = tiny_model(name)
     x = make_input(model)
     fast = deploy(model, x, backend="torchscript", budget=0)
