@@ -178,6 +178,21 @@ def test_tanh_gelu_is_rewritten_so_the_onednn_graph_plan_keeps_fp32_accuracy():
         torch.jit.enable_onednn_fusion(was)
 
 
+def test_pieces_read_elementwise_become_dense_and_pieces_for_matmuls_stay_views():
+    class Pieces(torch.nn.Module):
+        def forward(self, x):
+            q, k, v = x.chunk(3, dim=1)  # strided at batch > 1, read by mul, sigmoid and add
+            a, b = x.unbind(0)  # read by a matmul only
+            return q * k.sigmoid() + v, a @ b.transpose(-1, -2)
+    x = torch.randn(2, 6, 4, 4)
+    plan = torch.jit.freeze(torch.jit.trace(Pieces().eval(), x))
+    assert B.dense_pieces_for_llga(plan.graph) == 3
+    dense = [n for n in plan.graph.nodes() if n.kind() == "aten::contiguous"]
+    assert len(dense) == 3 and all(next(n.inputs()).node().kind() == "prim::ListUnpack" for n in dense)
+    for got, want in zip(plan(x), Pieces()(x)):
+        assert torch.equal(got, want)
+
+
 def test_split_pieces_become_slices():
     """Unpacked split / split_with_sizes pieces become slices with the split's bounds (the last to the end); a chunk
     is left alone; outputs are unchanged."""
@@ -225,11 +240,12 @@ def test_sums_with_a_layer_norm_are_rewritten_and_the_plan_agrees():
         torch.jit.enable_onednn_fusion(was)
 
 
-@pytest.mark.parametrize("name", ["sret_test", "t2t_vit_test", "tnt_test"])
+@pytest.mark.parametrize("name", ["sret_test", "t2t_vit_test", "tnt_test", "casvit_test"])
 def test_torchscript_plans_that_onednn_graph_could_not_compile(name, tiny_model):
     """SReT multiplies linear outputs by learned scalars (the constant-operand rewrite); T2T-ViT's Performer adds a
     split piece to a linear's output (the split rewrite); TNT adds a LayerNorm's output to its patch tokens (the
-    LayerNorm-sum rewrite; its plan was 0.27 off). Each plan builds and agrees with eager."""
+    LayerNorm-sum rewrite; its plan was 0.27 off); CAS-ViT's chunked q, k, v go through the timed choice between
+    dense and strided pieces. Each plan builds and agrees with eager."""
     model = tiny_model(name)
     x = make_input(model)
     fast = deploy(model, x, backend="torchscript", budget=0)
