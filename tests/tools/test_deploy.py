@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -126,6 +127,13 @@ def test_torchscript_parity_fp32_and_a_plan_per_shape(name, tiny_model):
     assert not torch.jit.onednn_fusion_enabled()
 
 
+def _frozen(module, inputs):
+    """``module`` traced and frozen by TorchScript (deprecated in torch 2.13, still what the backend uses)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.freeze(torch.jit.trace(module, inputs))
+
+
 class _ConstantOperands(torch.nn.Module):
     """A linear whose output meets frozen parameters through mul and add (layer scales, learned coefficients)."""
 
@@ -145,7 +153,7 @@ def test_constant_operands_are_rewritten_to_sub_and_div():
     torch.manual_seed(0)
     m, x = _ConstantOperands().eval(), torch.randn(4, 8)
     with torch.no_grad():
-        frozen = torch.jit.freeze(torch.jit.trace(m, x))
+        frozen = _frozen(m, x)
         kinds = lambda: sorted(n.kind() for n in frozen.graph.nodes() if n.kind().startswith("aten::"))  # noqa: E731
         before = kinds()
         assert B.constant_operands_for_llga(frozen.graph) == 3  # * scale, * coef, + shift; not 2 * x nor x + x
@@ -167,7 +175,7 @@ def test_tanh_gelu_is_rewritten_so_the_onednn_graph_plan_keeps_fp32_accuracy():
     torch.jit.enable_onednn_fusion(True)
     try:
         with torch.no_grad():
-            plan = torch.jit.freeze(torch.jit.trace(m, x))
+            plan = _frozen(m, x)
             assert B.gelu_tanh_for_llga(plan.graph) == 1
             gelus = [n for n in plan.graph.nodes() if n.kind() == "aten::gelu"]
             assert len(gelus) == 1 and list(gelus[0].inputs())[1].toIValue() == "none"
@@ -185,7 +193,7 @@ def test_pieces_read_elementwise_become_dense_and_pieces_for_matmuls_stay_views(
             a, b = x.unbind(0)  # read by a matmul only
             return q * k.sigmoid() + v, a @ b.transpose(-1, -2)
     x = torch.randn(2, 6, 4, 4)
-    plan = torch.jit.freeze(torch.jit.trace(Pieces().eval(), x))
+    plan = _frozen(Pieces().eval(), x)
     assert B.dense_pieces_for_llga(plan.graph) == 3
     dense = [n for n in plan.graph.nodes() if n.kind() == "aten::contiguous"]
     assert len(dense) == 3 and all(next(n.inputs()).node().kind() == "prim::ListUnpack" for n in dense)
@@ -203,7 +211,7 @@ def test_split_pieces_become_slices():
             f, g = x.split([5, 7], dim=-1)
             return a.sum(-1) + 2 * b.sum(-1) + 3 * c.sum(-1), d * e, f.sum(-1) - g.sum(-1)
     x = torch.randn(2, 4, 12)
-    plan = torch.jit.freeze(torch.jit.trace(Pieces().eval(), x))
+    plan = _frozen(Pieces().eval(), x)
     assert B.split_outputs_as_slices(plan.graph) == 2
     kinds = [n.kind() for n in plan.graph.nodes()]
     assert kinds.count("aten::slice") == 5 and "aten::split" not in kinds and "aten::split_with_sizes" not in kinds
@@ -230,7 +238,7 @@ def test_sums_with_a_layer_norm_are_rewritten_and_the_plan_agrees():
     torch.jit.enable_onednn_fusion(True)
     try:
         with torch.no_grad():
-            plan = torch.jit.freeze(torch.jit.trace(m, (a, c)))
+            plan = _frozen(m, (a, c))
             assert B.layer_norm_sums_for_llga(plan.graph) == 2  # not a + c
             for _ in range(3):
                 out = plan(a, c)
