@@ -354,6 +354,20 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
                  f"; {shared.fuse_note or 'no fuse()'}", module=model)
 
 
+def _insert(graph: torch._C.Graph, before: torch._C.Node, kind: str, args: list, like: torch._C.Value
+            ) -> torch._C.Value:
+    """A new ``kind`` node on ``args`` just before ``before``, typed as ``like``; returns its output."""
+    new = graph.create(kind, list(args), 1)
+    new.insertBefore(before)
+    new.output().setType(like.type())
+    return new.output()
+
+
+def _replace(node: torch._C.Node, value: torch._C.Value) -> None:
+    node.output().replaceAllUsesWith(value)
+    node.destroy()
+
+
 def constant_operands_for_llga(graph: torch._C.Graph) -> int:
     """Rewrite, in place, each ``aten::mul(a, C)`` as ``aten::div(a, 1 / C)`` and each ``aten::add(a, C)`` as
     ``aten::sub(a, -C)``, where ``C`` is a constant floating tensor (a frozen parameter: a layer scale, a learned
@@ -377,11 +391,7 @@ def constant_operands_for_llga(graph: torch._C.Graph) -> int:
             c = ins[const[0]].toIValue()
             graph.setInsertPoint(node)
             value = graph.insertConstant((1.0 / c.double()).to(c.dtype) if kind == "aten::mul" else -c)
-            new = graph.create(into, [ins[1 - const[0]], value, *ins[2:]], 1)
-            new.insertBefore(node)
-            new.output().setType(node.output().type())
-            node.output().replaceAllUsesWith(new.output())
-            node.destroy()
+            _replace(node, _insert(graph, node, into, [ins[1 - const[0]], value, *ins[2:]], node.output()))
             n += 1
     return n
 
@@ -401,16 +411,11 @@ def gelu_tanh_for_llga(graph: torch._C.Graph) -> int:
         graph.setInsertPoint(node)
 
         def op(kind: str, *args: torch._C.Value, node=node) -> torch._C.Value:  # noqa: ANN001
-            new = graph.create(kind, list(args), 1)
-            new.insertBefore(node)
-            new.output().setType(node.output().type())
-            return new.output()
+            return _insert(graph, node, kind, args, node.output())
         const, one = graph.insertConstant, graph.insertConstant(1)
         inner = op("aten::add", x, op("aten::mul", op("aten::mul", op("aten::mul", x, x), x), const(0.044715)), one)
         tanh = op("aten::tanh", op("aten::mul", inner, const(math.sqrt(2 / math.pi))))
-        node.output().replaceAllUsesWith(op("aten::mul", op("aten::mul", x, const(0.5)),
-                                            op("aten::add", tanh, const(1.0), one)))
-        node.destroy()
+        _replace(node, op("aten::mul", op("aten::mul", x, const(0.5)), op("aten::add", tanh, const(1.0), one)))
         n += 1
     return n
 
@@ -471,10 +476,7 @@ def split_outputs_as_slices(graph: torch._C.Graph) -> int:
         for i, piece in enumerate(pieces):
             end = None if i == len(pieces) - 1 else start + sizes[i]
             args = [x, *(graph.insertConstant(v) for v in (dim, start, end, 1))]
-            sliced = graph.create("aten::slice", args, 1)
-            sliced.insertBefore(unpack)
-            sliced.output().setType(piece.type())
-            piece.replaceAllUsesWith(sliced.output())
+            piece.replaceAllUsesWith(_insert(graph, unpack, "aten::slice", args, piece))
             start = end
         unpack.destroy()
         if not split.output().uses():
@@ -500,14 +502,8 @@ def layer_norm_sums_for_llga(graph: torch._C.Graph) -> int:
             continue
         ln, other = ins[normed[0]], ins[1 - normed[0]]
         graph.setInsertPoint(node)
-        neg = graph.create("aten::neg", [ln], 1)
-        neg.insertBefore(node)
-        neg.output().setType(ln.type())
-        sub = graph.create("aten::sub", [other, neg.output(), ins[2]], 1)
-        sub.insertBefore(node)
-        sub.output().setType(node.output().type())
-        node.output().replaceAllUsesWith(sub.output())
-        node.destroy()
+        neg = _insert(graph, node, "aten::neg", [ln], ln)
+        _replace(node, _insert(graph, node, "aten::sub", [other, neg, ins[2]], node.output()))
         n += 1
     return n
 
