@@ -297,6 +297,8 @@ class CrossViT(Backbone):
 
 
 def _branch_size(H: int, W: int, scale: float) -> tuple[int, int]:
+    if isinstance(H, Tensor):  # TorchScript's tracer hands sizes over as 0-dim tensors, which round() refuses
+        H, W = int(H), int(W)
     return round(H * scale), round(W * scale)
 
 
