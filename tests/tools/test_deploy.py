@@ -18,6 +18,7 @@ from visionzoo.deploy import Deployed, DeployRecord, deploy, time_interleaved
 from visionzoo.errors import BackendUnavailable
 from visionzoo.runtime import backends as B
 from visionzoo.runtime import kernels as L
+from visionzoo.runtime import llga
 from visionzoo.runtime.cpu import cpu_info, has_bf16
 
 D = importlib.import_module("visionzoo.deploy")  # the module (visionzoo.deploy, the attribute, is the function)
@@ -156,7 +157,7 @@ def test_constant_operands_are_rewritten_to_sub_and_div():
         frozen = _frozen(m, x)
         kinds = lambda: sorted(n.kind() for n in frozen.graph.nodes() if n.kind().startswith("aten::"))  # noqa: E731
         before = kinds()
-        assert B.constant_operands_for_llga(frozen.graph) == 3  # * scale, * coef, + shift; not 2 * x nor x + x
+        assert llga.constant_operands_for_llga(frozen.graph) == 3  # * scale, * coef, + shift; not 2 * x nor x + x
         after = kinds()
         assert after.count("aten::div") == before.count("aten::div") + 2
         assert after.count("aten::sub") == before.count("aten::sub") + 1
@@ -176,7 +177,7 @@ def test_tanh_gelu_is_rewritten_so_the_onednn_graph_plan_keeps_fp32_accuracy():
     try:
         with torch.no_grad():
             plan = _frozen(m, x)
-            assert B.gelu_tanh_for_llga(plan.graph) == 1
+            assert llga.gelu_tanh_for_llga(plan.graph) == 1
             gelus = [n for n in plan.graph.nodes() if n.kind() == "aten::gelu"]
             assert len(gelus) == 1 and list(gelus[0].inputs())[1].toIValue() == "none"
             for _ in range(3):  # profiling runs, then the fused plan
@@ -194,7 +195,7 @@ def test_pieces_read_elementwise_become_dense_and_pieces_for_matmuls_stay_views(
             return q * k.sigmoid() + v, a @ b.transpose(-1, -2)
     x = torch.randn(2, 6, 4, 4)
     plan = _frozen(Pieces().eval(), x)
-    assert B.dense_pieces_for_llga(plan.graph) == 3
+    assert llga.dense_pieces_for_llga(plan.graph) == 3
     dense = [n for n in plan.graph.nodes() if n.kind() == "aten::contiguous"]
     assert len(dense) == 3 and all(next(n.inputs()).node().kind() == "prim::ListUnpack" for n in dense)
     for got, want in zip(plan(x), Pieces()(x)):
@@ -212,7 +213,7 @@ def test_split_pieces_become_slices():
             return a.sum(-1) + 2 * b.sum(-1) + 3 * c.sum(-1), d * e, f.sum(-1) - g.sum(-1)
     x = torch.randn(2, 4, 12)
     plan = _frozen(Pieces().eval(), x)
-    assert B.split_outputs_as_slices(plan.graph) == 2
+    assert llga.split_outputs_as_slices(plan.graph) == 2
     kinds = [n.kind() for n in plan.graph.nodes()]
     assert kinds.count("aten::slice") == 5 and "aten::split" not in kinds and "aten::split_with_sizes" not in kinds
     assert "aten::chunk" in kinds
@@ -239,7 +240,7 @@ def test_sums_with_a_layer_norm_are_rewritten_and_the_plan_agrees():
     try:
         with torch.no_grad():
             plan = _frozen(m, (a, c))
-            assert B.layer_norm_sums_for_llga(plan.graph) == 2  # not a + c
+            assert llga.layer_norm_sums_for_llga(plan.graph) == 2  # not a + c
             for _ in range(3):
                 out = plan(a, c)
             for got, want in zip(out, m(a, c)):

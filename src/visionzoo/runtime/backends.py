@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from visionzoo.errors import ArgumentError, BackendUnavailable, VisionZooError
 from visionzoo.layers import AttentionCore
+from visionzoo.runtime import llga
 from visionzoo.runtime.attention import AttentionChoice, tune_attention
 from visionzoo.runtime.cpu import cpu_name, has_bf16
-from visionzoo.runtime.kernels import OPS, count_swapped, fast_kernels, kernel_choice
+from visionzoo.runtime.kernels import OPS, best_seconds, count_swapped, fast_kernels, kernel_choice
 
 BACKENDS = ("eager", "eager_tuned", "inductor", "torchscript", "onnxruntime", "openvino")
 DTYPES = ("fp32", "bf16", "int8")
@@ -267,11 +268,10 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     traced and profiled: oneDNN then runs whole chains (conv + bias + add + ReLU, linear + GELU) as one partition
     with its own primitives and layouts, as onnxruntime's and OpenVINO's graph passes do.
 
-    Before profiling, five rewrites of the frozen graph work around oneDNN Graph faults of torch 2.13 (results equal
-    up to rounding): constant mul/add operands (``constant_operands_for_llga``), tanh-GELU (``gelu_tanh_for_llga``),
-    strided pieces read elementwise (``dense_pieces_for_llga``), split pieces (``split_outputs_as_slices``) and sums
-    with a LayerNorm's output (``layer_norm_sums_for_llga``). A plan is traced per input shape (the profiled graph
-    is specialised to it), on first use, and checked there against the eager model (``TOLERANCE``): oneDNN Graph's
+    Before profiling, five rewrites of the frozen graph (``visionzoo.runtime.llga``) work around oneDNN Graph faults
+    of torch 2.13, with results equal up to rounding; where one of them made strided pieces dense, the plan is also
+    built without it and the faster of the two kept. A plan is traced per input shape (the profiled graph is
+    specialised to it), on first use, and checked there against the eager model (``TOLERANCE``): oneDNN Graph's
     fusion may give wrong outputs on graphs not yet met, and tracing bakes shape-dependent Python in. A plan that
     fails or differs is not used: at the example input the build fails with the reason (``auto`` skips the backend);
     at a later shape that shape runs the eager model, with a warning. TorchScript is deprecated in favour of
@@ -283,7 +283,7 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     plans: dict[tuple[int, ...], Callable[[Tensor], Tensor]] = {}
 
     def plan(x: Tensor, dense: bool) -> tuple[torch.jit.ScriptModule, int]:
-        """The frozen, rewritten, profiled plan for ``x``, and how many pieces ``dense_pieces_for_llga`` wrapped."""
+        """The frozen, rewritten, profiled plan for ``x``, and how many pieces ``llga.prepare`` made dense."""
         was = torch.jit.onednn_fusion_enabled()
         torch.jit.enable_onednn_fusion(True)
         try:
@@ -292,25 +292,12 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
                 warnings.simplefilter("ignore", DeprecationWarning)  # trace/freeze: deprecated, still shipped
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)  # checked below, on this shape's output
                 m = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False))
-                constant_operands_for_llga(m.graph)
-                gelu_tanh_for_llga(m.graph)
-                wrapped = dense_pieces_for_llga(m.graph) if dense else 0
-                split_outputs_as_slices(m.graph)
-                layer_norm_sums_for_llga(m.graph)
+                wrapped = llga.prepare(m.graph, dense)
                 for _ in range(3):  # the profiling runs after which the executor fuses and specialises
                     m(x)
         finally:
             torch.jit.enable_onednn_fusion(was)
         return m, wrapped
-
-    def best_seconds(m: torch.jit.ScriptModule, x: Tensor) -> float:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                m(x)
-                times.append(time.perf_counter() - t0)
-        return min(times)
 
     def traced(x: Tensor) -> Callable[[Tensor], Tensor]:
         m, wrapped = plan(x, dense=True)
@@ -319,8 +306,10 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
                 views, _ = plan(x, dense=False)
             except Exception:  # noqa: BLE001  (the dense plan stands; the check below still applies to it)
                 views = None
-            if views is not None and best_seconds(views, x) < best_seconds(m, x):
-                m = views
+            if views is not None:
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+                    t = best_seconds({"dense": lambda: m(x), "views": lambda: views(x)}, rounds=3, sample_s=0.0)
+                m = views if t["views"] < t["dense"] else m
 
         def call(x: Tensor, m=m) -> Tensor:  # noqa: ANN001
             with torch.no_grad():
@@ -352,160 +341,6 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     return Built(run, f"TorchScript (trace + freeze, a plan per input shape, each checked against eager) with "
                  f"oneDNN Graph fusion{', channels-last' if cl else ''}{', traced under bf16 autocast' if amp else ''}"
                  f"; {shared.fuse_note or 'no fuse()'}", module=model)
-
-
-def _insert(graph: torch._C.Graph, before: torch._C.Node, kind: str, args: list, like: torch._C.Value
-            ) -> torch._C.Value:
-    """A new ``kind`` node on ``args`` just before ``before``, typed as ``like``; returns its output."""
-    new = graph.create(kind, list(args), 1)
-    new.insertBefore(before)
-    new.output().setType(like.type())
-    return new.output()
-
-
-def _replace(node: torch._C.Node, value: torch._C.Value) -> None:
-    node.output().replaceAllUsesWith(value)
-    node.destroy()
-
-
-def constant_operands_for_llga(graph: torch._C.Graph) -> int:
-    """Rewrite, in place, each ``aten::mul(a, C)`` as ``aten::div(a, 1 / C)`` and each ``aten::add(a, C)`` as
-    ``aten::sub(a, -C)``, where ``C`` is a constant floating tensor (a frozen parameter: a layer scale, a learned
-    coefficient, a position table); returns how many nodes it rewrote.
-
-    oneDNN Graph (torch 2.13) fails to compile a partition that holds a linear together with a mul or add whose
-    other operand is such a constant ("vector::_M_range_check", measured: ``Linear(x) * p``, ``x * p + Linear(x)``,
-    ``Linear(x) + p``, for ``p`` of shape (), (1,) or (C,)), and the whole plan fails with it (SReT's learned
-    coefficients). It compiles the same partition with sub and div. The add rewrite is exact; the mul one is within
-    an ulp (``1 / C`` is rounded), and the plan is checked against eager afterwards either way."""
-    n = 0
-    for kind, into in (("aten::mul", "aten::div"), ("aten::add", "aten::sub")):
-        for node in graph.findAllNodes(kind):
-            ins = list(node.inputs())
-            if len(ins) != (2 if kind == "aten::mul" else 3) or (kind == "aten::add" and ins[2].toIValue() != 1):
-                continue
-            const = [i for i in (0, 1) if ins[i].node().kind() == "prim::Constant"
-                     and isinstance(ins[i].toIValue(), Tensor) and ins[i].toIValue().is_floating_point()]
-            if len(const) != 1 or not isinstance(ins[1 - const[0]].type(), torch._C.TensorType):
-                continue
-            c = ins[const[0]].toIValue()
-            graph.setInsertPoint(node)
-            value = graph.insertConstant((1.0 / c.double()).to(c.dtype) if kind == "aten::mul" else -c)
-            _replace(node, _insert(graph, node, into, [ins[1 - const[0]], value, *ins[2:]], node.output()))
-            n += 1
-    return n
-
-
-def gelu_tanh_for_llga(graph: torch._C.Graph) -> int:
-    """Rewrite, in place, each ``aten::gelu(x, approximate="tanh")`` as its formula in plain ops,
-    ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``; returns how many nodes it rewrote.
-
-    oneDNN Graph's own tanh-GELU (torch 2.13) is off by 1.0-1.7e-4 relative after a linear (measured: Linear, GELU
-    tanh, Linear), over the fp32 tolerance, so MaxViT's plan was refused; the same partition built from mul, add and
-    tanh agrees with eager within 6e-7 and oneDNN Graph still fuses it."""
-    n = 0
-    for node in graph.findAllNodes("aten::gelu"):
-        x, approximate = node.inputs()
-        if approximate.toIValue() != "tanh":
-            continue
-        graph.setInsertPoint(node)
-
-        def op(kind: str, *args: torch._C.Value, node=node) -> torch._C.Value:  # noqa: ANN001
-            return _insert(graph, node, kind, args, node.output())
-        const, one = graph.insertConstant, graph.insertConstant(1)
-        inner = op("aten::add", x, op("aten::mul", op("aten::mul", op("aten::mul", x, x), x), const(0.044715)), one)
-        tanh = op("aten::tanh", op("aten::mul", inner, const(math.sqrt(2 / math.pi))))
-        _replace(node, op("aten::mul", op("aten::mul", x, const(0.5)), op("aten::add", tanh, const(1.0), one)))
-        n += 1
-    return n
-
-
-_POINTWISE = frozenset(f"aten::{op}" for op in ("add", "sub", "mul", "div", "neg", "sigmoid", "relu", "gelu", "tanh",
-                                                   "_convolution", "conv2d"))
-
-
-def dense_pieces_for_llga(graph: torch._C.Graph) -> int:
-    """Give each unpacked piece of a ``chunk``, ``split`` or ``unbind`` that an elementwise op or a convolution
-    reads an ``aten::contiguous`` (a no-op where the piece is dense already, a copy where it is a strided view);
-    returns how many pieces it wrapped. Pieces that only reach matmuls and attention are left as views.
-
-    oneDNN Graph (torch 2.13) runs an elementwise partition on a strided input far slower than on a dense one:
-    CAS-ViT's ``q, k, v = qkv(x).chunk(3, dim=1)`` pieces are strided at batch > 1, and its gates (conv, sigmoid,
-    mul) took 200 ms a call at batch 32, where the whole plan fell to 0.45x eager (measured, AMD EPYC). Copying
-    every piece instead cost DeiT-S and Swin-T 4-5% at batch 32, hence the choice by reader; and where the copies
-    do not pay (T2T-ViT's row slices at batch 1: 9% slower), the ``torchscript`` backend times the plan with and
-    without them and keeps the faster."""
-    n = 0
-    for unpack in graph.findAllNodes("prim::ListUnpack"):
-        if unpack.input().node().kind() not in ("aten::chunk", "aten::split", "aten::split_with_sizes", "aten::unbind"):
-            continue
-        for piece in unpack.outputs():
-            if not any(use.user.kind() in _POINTWISE for use in piece.uses()):
-                continue
-            graph.setInsertPoint(unpack)
-            dense = graph.create("aten::contiguous", [piece, graph.insertConstant(0)], 1)  # 0: torch.contiguous_format
-            dense.output().setType(piece.type())
-            dense.insertAfter(unpack)
-            piece.replaceAllUsesWith(dense.output())
-            dense.replaceInput(0, piece)
-            n += 1
-    return n
-
-
-def split_outputs_as_slices(graph: torch._C.Graph) -> int:
-    """Rewrite, in place, each ``aten::split`` / ``aten::split_with_sizes`` whose pieces are unpacked into one
-    ``aten::slice`` per piece (the same views); returns how many splits it rewrote.
-
-    oneDNN Graph (torch 2.13) fails to compile a partition where a piece of a split meets a linear's output in an
-    add ("vector::_M_range_check"; T2T-ViT's Performer: ``k, q, v = kqv(x).split(d)``, then ``v + proj(y)``), and
-    compiles it when the piece is a slice. The bounds are the split's constants, so no size is needed: the last
-    piece runs to the end."""
-    n = 0
-    for unpack in graph.findAllNodes("prim::ListUnpack"):
-        split = unpack.input().node()
-        if split.kind() not in ("aten::split", "aten::split_with_sizes") or len(list(split.inputs())) != 3:
-            continue
-        x, size, dim = split.inputs()
-        size, dim, pieces = size.toIValue(), dim.toIValue(), list(unpack.outputs())
-        if not isinstance(dim, int) or not (isinstance(size, int) or (isinstance(size, list) and
-                                                                          len(size) == len(pieces))):
-            continue
-        sizes = size if isinstance(size, list) else [size] * len(pieces)
-        graph.setInsertPoint(unpack)
-        start = 0
-        for i, piece in enumerate(pieces):
-            end = None if i == len(pieces) - 1 else start + sizes[i]
-            args = [x, *(graph.insertConstant(v) for v in (dim, start, end, 1))]
-            piece.replaceAllUsesWith(_insert(graph, unpack, "aten::slice", args, piece))
-            start = end
-        unpack.destroy()
-        if not split.output().uses():
-            split.destroy()
-        n += 1
-    return n
-
-
-def layer_norm_sums_for_llga(graph: torch._C.Graph) -> int:
-    """Rewrite, in place, each ``aten::add(a, layer_norm(x))`` (alpha 1, either order) as
-    ``aten::sub(a, neg(layer_norm(x)))``, which is exact; returns how many adds it rewrote.
-
-    oneDNN Graph (torch 2.13) fuses a LayerNorm with the add that reads it and gets the sum wrong: 0.5 relative
-    for ``c + LayerNorm(a)`` on fresh inputs (measured; TNT adds a LayerNorm's output to the patch tokens, and its
-    plan was 0.4-0.7 off). With the negation between them it agrees within 2e-7."""
-    n = 0
-    for node in graph.findAllNodes("aten::add"):
-        ins = list(node.inputs())
-        if len(ins) != 3 or ins[2].toIValue() != 1:
-            continue
-        normed = [i for i in (1, 0) if ins[i].node().kind() == "aten::layer_norm"]
-        if not normed:
-            continue
-        ln, other = ins[normed[0]], ins[1 - normed[0]]
-        graph.setInsertPoint(node)
-        neg = _insert(graph, node, "aten::neg", [ln], ln)
-        _replace(node, _insert(graph, node, "aten::sub", [other, neg, ins[2]], node.output()))
-        n += 1
-    return n
 
 
 def _onnxruntime(dtype: str, shared: Shared) -> Built:
