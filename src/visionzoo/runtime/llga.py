@@ -102,9 +102,9 @@ def dense_pieces_for_llga(graph: torch._C.Graph) -> int:
     oneDNN Graph (torch 2.13) runs an elementwise partition on a strided input far slower than on a dense one:
     CAS-ViT's ``q, k, v = qkv(x).chunk(3, dim=1)`` pieces are strided at batch > 1, and its gates (conv, sigmoid,
     mul) took 200 ms a call at batch 32, where the whole plan fell to 0.45x eager (measured, AMD EPYC). Copying
-    every piece instead cost DeiT-S and Swin-T 4-5% at batch 32, hence the choice by reader; and where the copies
-    do not pay (T2T-ViT's row slices at batch 1: 9% slower), the ``torchscript`` backend times the plan with and
-    without them and keeps the faster."""
+    every piece instead cost DeiT-S and Swin-T 4-5% at batch 32, hence the choice by reader. Where the copies may
+    not pay (T2T-ViT's row slices at batch 1: 9% slower in one measurement, even in another), the ``torchscript``
+    backend times the plan with and without them and keeps the faster."""
     n = 0
     for unpack in graph.findAllNodes("prim::ListUnpack"):
         if unpack.input().node().kind() not in ("aten::chunk", "aten::split", "aten::split_with_sizes", "aten::unbind"):
