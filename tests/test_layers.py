@@ -69,6 +69,27 @@ def test_attention_matches_explicit_softmax():
         Attention(10, num_heads=3)
 
 
+def test_a_three_dimensional_bias_reaches_sdpa_with_the_rank_of_q(monkeypatch):
+    """A (heads, N, N) bias (RMT's decay) goes to SDPA as (1, heads, N, N): torch's CPU SDPA takes its fused kernel
+    only for a 2-D mask or one of q's rank, and its math path otherwise. The output equals the explicit path's."""
+    from visionzoo.layers.attention import AttentionCore
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 6, 8) for _ in range(3))
+    bias = torch.randn(4, 6, 6)
+    masks, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask.shape)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    core = AttentionCore()
+    fused = core(q, k, v, bias)
+    assert masks == [(1, 4, 6, 6)] and torch._fused_sdp_choice(q, k, v, bias[None], 0.0, False) != 0  # not math
+    core.fused = False
+    torch.testing.assert_close(fused, core(q, k, v, bias), atol=1e-5, rtol=1e-5)
+
+
 def test_window_partition_inverse():
     x = torch.randn(2, 8, 12, 3)
     w = window_partition(x, (4, 4))

@@ -187,19 +187,48 @@ def test_tanh_gelu_is_rewritten_so_the_onednn_graph_plan_keeps_fp32_accuracy():
         torch.jit.enable_onednn_fusion(was)
 
 
-def test_pieces_read_elementwise_become_dense_and_pieces_for_matmuls_stay_views():
-    class Pieces(torch.nn.Module):
+@pytest.mark.parametrize("shape, strides, dense", [
+    ((2, 3, 4), (12, 4, 1), True),  # in order
+    ((2, 3, 4, 5), (60, 1, 15, 3), True),  # channels-last
+    ((2, 4, 3), (12, 1, 4), True),  # tokens (B, N, C) from a (B, C, N) map: channels-last for three dimensions
+    ((1, 4, 1, 3), (99, 3, 7, 1), True),  # size-1 dimensions do not count
+    ((5, 3, 4), (0, 4, 1), True),  # nor broadcast ones
+    ((2, 4, 5, 3), (60, 15, 1, 5), False),  # (N, C, H, W) memory viewed as (N, H, W, C)
+    ((2, 6, 7, 8), (336, 8, 48, 1), False),  # (B, N, heads, d) transposed to (B, heads, N, d)
+    ((2, 4, 4), (48, 4, 1), False),  # a chunk's piece: a gap between batch items
+])
+def test_the_layouts_onednn_reads_at_full_speed(shape, strides, dense):
+    t = torch.empty_strided(shape, strides)
+    assert llga.onednn_reads_dense(torch._C.TensorType.create_from_tensor(t)) is dense
+
+
+def test_strided_inputs_read_elementwise_become_dense_before_freeze():
+    """On the trace (which records strides; freeze drops them): the inputs of elementwise ops and convolutions in a
+    layout oneDNN reads slowly get a contiguous(); channels-last views and matmul inputs stay views; outputs are
+    unchanged."""
+    class Layouts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.nn.Conv2d(2, 2, 1)
+
         def forward(self, x):
-            q, k, v = x.chunk(3, dim=1)  # strided at batch > 1, read by mul, sigmoid and add
+            q, k, v = x.chunk(3, dim=1)  # gaps at batch 2: read by sigmoid, mul and the conv
+            heads = x.permute(0, 2, 3, 1)  # NCHW memory viewed as NHWC: read by add
+            last = x.permute(0, 2, 3, 1).reshape(2, 4, 4, 6).permute(0, 3, 1, 2)  # channels-last: read by relu
             a, b = x.unbind(0)  # read by a matmul only
-            return q * k.sigmoid() + v, a @ b.transpose(-1, -2)
-    x = torch.randn(2, 6, 4, 4)
-    plan = _frozen(Pieces().eval(), x)
-    assert llga.dense_pieces_for_llga(plan.graph) == 3
-    dense = [n for n in plan.graph.nodes() if n.kind() == "aten::contiguous"]
-    assert len(dense) == 3 and all(next(n.inputs()).node().kind() == "prim::ListUnpack" for n in dense)
-    for got, want in zip(plan(x), Pieces()(x)):
-        assert torch.equal(got, want)
+            return q * k.sigmoid() + self.inner(v), heads + 1.0, last.relu(), a @ b.transpose(-1, -2)
+    m, x = Layouts().eval(), torch.randn(2, 6, 4, 4)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(m, x)
+        assert llga.dense_inputs_for_llga(traced) == 4  # q, k, v (in the conv's own graph), heads
+        assert llga.dense_inputs_for_llga(traced) == 0  # wrapped once only
+        plan = torch.jit.freeze(traced)
+        readers = {n.kind() for n in plan.graph.nodes() if any(i.node().kind() == "aten::contiguous"
+                                                              for i in n.inputs())}
+        assert readers == {"aten::mul", "aten::sigmoid", "aten::_convolution", "aten::add"}
+        for got, want in zip(plan(x), m(x)):
+            assert torch.equal(got, want)
 
 
 def test_split_pieces_become_slices():

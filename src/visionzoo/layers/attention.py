@@ -31,7 +31,7 @@ from .linear_attention import (
     norm_linear_attention,
 )
 from .norm import get_norm
-from .tracing import is_tracing
+from .tracing import is_fx_symbolic_tracing, is_tracing
 
 Observer = Callable[["AttentionCore", Tensor, "tuple[int, int] | None"], None]
 QKVObserver = Callable[["AttentionCore", Tensor, Tensor, Tensor, "Tensor | None", float], None]
@@ -124,7 +124,7 @@ class AttentionCore(nn.Module):
         quant = not (self.q_quant is None and self.k_quant is None and self.v_quant is None
                      and self.probs_quant is None)
         if self.fused and self.observer is None and not quant and weight is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+            out = self._sdpa(q, k, v, bias, scale, dropout_p)
             if bias is not None and is_tracing():
                 # NOTE: on CPU, SDPA's output layout depends on the kernel it picks, and that depends on whether the
                 # bias requires grad (a table computed from parameters does); the ONNX exporter re-traces with the
@@ -143,6 +143,22 @@ class AttentionCore(nn.Module):
             probs = F.dropout(probs, dropout_p, training=True)
         out = probs @ v  # (..., N_q, N_k) @ (..., N_k, d_v) -> (..., N_q, d_v)
         return out if self.head_mask is None else self._mask_heads(out)
+
+    @staticmethod
+    def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float | None, dropout_p: float = 0.0
+              ) -> Tensor:
+        """The fused path: ``F.scaled_dot_product_attention``, with its inputs as torch's CPU kernel takes them (not
+        under FX symbolic tracing, where ranks and strides are not known)."""
+        if is_fx_symbolic_tracing():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+        if bias is not None and bias.dim() not in (2, q.dim()):
+            # NOTE: torch's CPU SDPA takes its fused kernel only with a 2-D mask or one of q's rank, and falls back
+            # to its unfused math path otherwise (a 3-D (heads, N, N) bias: 2.8x slower at RMT's shapes, AMD EPYC).
+            # Leading 1s broadcast the same.
+            bias = bias[(None,) * (q.dim() - bias.dim())]
+        # NOTE: so does a q, k or v whose last dimension is strided (GLNet's global tokens: 1.2-1.6x slower)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
     def _mask_heads(self, out: Tensor) -> Tensor:
         """``out`` ``(..., heads, N_q, d_v)`` with each head scaled by ``head_mask``."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionzoo.layers import AttentionCore
@@ -50,7 +49,7 @@ def _best_ms(fns: dict[str, object], rounds: int, sample_s: float) -> dict[str, 
 
 
 def _kernels(core: AttentionCore, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> dict:
-    return {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale),
+    return {"sdpa": lambda: core._sdpa(q, k, v, bias, scale),  # the core's fused path
             "matmul": lambda: core._probs(q, k, bias, scale) @ v}  # the core's own explicit path (fused = False)
 
 

@@ -268,8 +268,8 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     traced and profiled: oneDNN then runs whole chains (conv + bias + add + ReLU, linear + GELU) as one partition
     with its own primitives and layouts, as onnxruntime's and OpenVINO's graph passes do.
 
-    Before profiling, five rewrites of the frozen graph (``visionzoo.runtime.llga``) work around oneDNN Graph faults
-    of torch 2.13, with results equal up to rounding; where one of them made strided pieces dense, the plan is also
+    Five rewrites (``visionzoo.runtime.llga``), of the trace and of the frozen graph, work around oneDNN Graph faults
+    of torch 2.13, with results equal up to rounding; where one of them made strided inputs dense, the plan is also
     built without it and the faster of the two kept. A plan is traced per input shape (the profiled graph is
     specialised to it), on first use, and checked there against the eager model (``TOLERANCE``): oneDNN Graph's
     fusion may give wrong outputs on graphs not yet met, and tracing bakes shape-dependent Python in. A plan that
@@ -283,7 +283,7 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     plans: dict[tuple[int, ...], Callable[[Tensor], Tensor]] = {}
 
     def plan(x: Tensor, dense: bool) -> tuple[torch.jit.ScriptModule, int]:
-        """The frozen, rewritten, profiled plan for ``x``, and how many pieces ``llga.prepare`` made dense."""
+        """The frozen, rewritten, profiled plan for ``x``, and how many strided inputs it made dense."""
         was = torch.jit.onednn_fusion_enabled()
         torch.jit.enable_onednn_fusion(True)
         try:
@@ -291,8 +291,10 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
                     torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
                 warnings.simplefilter("ignore", DeprecationWarning)  # trace/freeze: deprecated, still shipped
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)  # checked below, on this shape's output
-                m = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False))
-                wrapped = llga.prepare(m.graph, dense)
+                m = torch.jit.trace(model, x, check_trace=False)
+                wrapped = llga.dense_inputs_for_llga(m) if dense else 0
+                m = torch.jit.freeze(m)
+                llga.prepare(m.graph)
                 for _ in range(3):  # the profiling runs after which the executor fuses and specialises
                     m(x)
         finally:
@@ -301,7 +303,7 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
 
     def traced(x: Tensor) -> Callable[[Tensor], Tensor]:
         m, wrapped = plan(x, dense=True)
-        if wrapped:  # dense pieces cost a copy each: keep them only where this shape measures faster with them
+        if wrapped:  # dense inputs cost a copy each: keep them only where this shape measures faster with them
             try:
                 views, _ = plan(x, dense=False)
             except Exception:  # noqa: BLE001  (the dense plan stands; the check below still applies to it)

@@ -1,5 +1,6 @@
-"""Rewrites of a frozen TorchScript graph for oneDNN Graph fusion (LLGA), which the ``torchscript`` deploy backend
-runs before a plan's profiling runs (``prepare``).
+"""Rewrites of a TorchScript plan for oneDNN Graph fusion (LLGA), which the ``torchscript`` deploy backend runs on
+the trace before ``freeze`` (``dense_inputs_for_llga``, which needs the trace's strides) and on the frozen graph
+before the plan's profiling runs (``prepare``).
 
 Each works around one fault of oneDNN Graph in torch 2.13, isolated on a small module and named in its docstring;
 results stay equal up to rounding, and the backend still checks every plan against eager. Each returns how many
@@ -13,15 +14,12 @@ import torch
 from torch import Tensor
 
 
-def prepare(graph: torch._C.Graph, dense: bool = True) -> int:
-    """All the rewrites, in place, in the order they must run; returns how many pieces ``dense_pieces_for_llga``
-    made dense (0 with ``dense=False``): a plan with dense pieces is worth timing against one without."""
+def prepare(graph: torch._C.Graph) -> None:
+    """The rewrites of a frozen graph, in place (``dense_inputs_for_llga`` runs before ``freeze``, on the trace)."""
     constant_operands_for_llga(graph)
     gelu_tanh_for_llga(graph)
-    wrapped = dense_pieces_for_llga(graph) if dense else 0
-    split_outputs_as_slices(graph)  # after the dense pieces, which wrap the unpacked pieces it replaces
+    split_outputs_as_slices(graph)
     layer_norm_sums_for_llga(graph)
-    return wrapped
 
 
 def _insert(graph: torch._C.Graph, before: torch._C.Node, kind: str, args: list, like: torch._C.Value
@@ -90,35 +88,59 @@ def gelu_tanh_for_llga(graph: torch._C.Graph) -> int:
     return n
 
 
+# the readers that oneDNN Graph runs slowly on a strided input: elementwise ops and convolutions (matmuls, softmax
+# and LayerNorm read any layout at full speed, measured)
 _POINTWISE = frozenset(f"aten::{op}" for op in ("add", "sub", "mul", "div", "neg", "sigmoid", "relu", "gelu", "tanh",
                                                    "_convolution", "conv2d"))
 
 
-def dense_pieces_for_llga(graph: torch._C.Graph) -> int:
-    """Give each unpacked piece of a ``chunk``, ``split`` or ``unbind`` that an elementwise op or a convolution
-    reads an ``aten::contiguous`` (a no-op where the piece is dense already, a copy where it is a strided view);
-    returns how many pieces it wrapped. Pieces that only reach matmuls and attention are left as views.
+def onednn_reads_dense(t: torch._C.TensorType) -> bool:
+    """Whether a traced tensor type is laid out as oneDNN's fast elementwise kernels take it: dense (no gaps), with
+    its dimensions in order or channels-last (dimension 1 innermost, the rest in order). Size-1 and broadcast
+    (stride 0) dimensions do not count; a type without sizes or strides counts as dense."""
+    sizes, strides = t.sizes(), t.strides()
+    if sizes is None or strides is None or None in sizes or None in strides:
+        return True
+    dims = sorted((st, sz, i) for i, (sz, st) in enumerate(zip(sizes, strides)) if sz != 1 and st != 0)
+    expect = 1
+    for st, sz, _ in dims:
+        if st != expect:
+            return False
+        expect *= sz
+    order = [i for _, _, i in reversed(dims)]  # outermost first
+    rest = [i for i in order if i != 1]
+    return order == sorted(order) or (order[-1:] == [1] and rest == sorted(rest))
 
-    oneDNN Graph (torch 2.13) runs an elementwise partition on a strided input far slower than on a dense one:
-    CAS-ViT's ``q, k, v = qkv(x).chunk(3, dim=1)`` pieces are strided at batch > 1, and its gates (conv, sigmoid,
-    mul) took 200 ms a call at batch 32, where the whole plan fell to 0.45x eager (measured, AMD EPYC). Copying
-    every piece instead cost DeiT-S and Swin-T 4-5% at batch 32, hence the choice by reader. Where the copies may
-    not pay (T2T-ViT's row slices at batch 1: 9% slower in one measurement, even in another), the ``torchscript``
-    backend times the plan with and without them and keeps the faster."""
+
+def dense_inputs_for_llga(traced: torch.jit.ScriptModule) -> int:
+    """Before ``freeze``: give each input of an elementwise op or a convolution whose traced layout is not one that
+    ``onednn_reads_dense`` accepts an ``aten::contiguous`` (a copy), in every traced (sub)module graph; returns how
+    many inputs it wrapped. The trace's types hold the example input's sizes and strides, which ``freeze`` drops.
+
+    oneDNN Graph (torch 2.13) runs an elementwise partition with such an input on its reference kernels, 50-150x
+    slower than on a dense copy (measured, AMD EPYC: ``relu(x.permute(0, 2, 3, 1) + y)`` at (8, 56, 56, 64) took 49
+    ms against 1.0 ms; at (8, 6, 197, 64), a transpose(1, 2), 16 ms against 0.1 ms). Plain and channels-last
+    views run at full speed and are left alone. RMT's rotary embedding reads a permuted (B, heads, H, W, d) view and
+    spent 190 of its 250 ms of oneDNN time there; CAS-ViT's ``qkv.chunk(3, dim=1)`` pieces have gaps at batch > 1
+    (200 ms a call at batch 32). The copies may not pay where a partition would have been fast anyway, so the
+    ``torchscript`` backend times the plan with and without them and keeps the faster."""
     n = 0
-    for unpack in graph.findAllNodes("prim::ListUnpack"):
-        if unpack.input().node().kind() not in ("aten::chunk", "aten::split", "aten::split_with_sizes", "aten::unbind"):
+    for sub in traced.modules():
+        try:
+            graph = sub.graph
+        except (AttributeError, RuntimeError):  # a submodule whose forward the trace never ran
             continue
-        for piece in unpack.outputs():
-            if not any(use.user.kind() in _POINTWISE for use in piece.uses()):
-                continue
-            graph.setInsertPoint(unpack)
-            dense = graph.create("aten::contiguous", [piece, graph.insertConstant(0)], 1)  # 0: torch.contiguous_format
-            dense.output().setType(piece.type())
-            dense.insertAfter(unpack)
-            piece.replaceAllUsesWith(dense.output())
-            dense.replaceInput(0, piece)
-            n += 1
+        for kind in sorted(_POINTWISE):
+            for node in graph.findAllNodes(kind):
+                for i, value in enumerate(list(node.inputs())):
+                    t = value.type()
+                    if (not isinstance(t, torch._C.TensorType) or onednn_reads_dense(t)
+                            or value.node().kind() == "aten::contiguous"):  # a module shared by two instances
+                        continue
+                    graph.setInsertPoint(node)
+                    dense = _insert(graph, node, "aten::contiguous", [value, graph.insertConstant(0)], value)
+                    node.replaceInput(i, dense)
+                    n += 1
     return n
 
 
