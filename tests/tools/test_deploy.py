@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import visionzoo
 from conftest import make_input
@@ -167,7 +168,7 @@ def test_constant_operands_are_rewritten_to_sub_and_div():
 
 def test_tanh_gelu_is_rewritten_so_the_onednn_graph_plan_keeps_fp32_accuracy():
     """Linear, tanh-GELU, Linear through oneDNN Graph: its own tanh-GELU was 1.7e-4 off (relative); written out in
-    plain ops the plan agrees within 1e-5. The erf GELU is left alone."""
+    plain ops (its sigmoid form) the plan agrees within 1e-5. The erf GELU is left alone."""
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(256, 64),
                             torch.nn.GELU()).eval()
@@ -203,8 +204,8 @@ def test_the_layouts_onednn_reads_at_full_speed(shape, strides, dense):
 
 
 def test_strided_inputs_read_elementwise_become_dense_before_freeze():
-    """On the trace (which records strides; freeze drops them): the inputs of elementwise ops and convolutions in a
-    layout oneDNN reads slowly get a contiguous(); channels-last views and matmul inputs stay views; outputs are
+    """On the trace (which records strides; freeze drops them): the inputs of elementwise ops, convolutions and pooling
+    in a layout oneDNN reads slowly get a contiguous(); channels-last views and matmul inputs stay views; outputs are
     unchanged."""
     class Layouts(torch.nn.Module):
         def __init__(self) -> None:
@@ -216,19 +217,49 @@ def test_strided_inputs_read_elementwise_become_dense_before_freeze():
             heads = x.permute(0, 2, 3, 1)  # NCHW memory viewed as NHWC: read by add
             last = x.permute(0, 2, 3, 1).reshape(2, 4, 4, 6).permute(0, 3, 1, 2)  # channels-last: read by relu
             a, b = x.unbind(0)  # read by a matmul only
-            return q * k.sigmoid() + self.inner(v), heads + 1.0, last.relu(), a @ b.transpose(-1, -2)
+            pooled = F.avg_pool2d(x[:, ::2], 2)  # every other channel: gaps
+            return q * k.sigmoid() + self.inner(v), heads + 1.0, last.relu(), a @ b.transpose(-1, -2), pooled
     m, x = Layouts().eval(), torch.randn(2, 6, 4, 4)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(m, x)
-        assert llga.dense_inputs_for_llga(traced) == 4  # q, k, v (in the conv's own graph), heads
+        assert llga.dense_inputs_for_llga(traced) == 5  # q, k, v (in the conv's own graph), heads, x[:, ::2]
         assert llga.dense_inputs_for_llga(traced) == 0  # wrapped once only
         plan = torch.jit.freeze(traced)
         readers = {n.kind() for n in plan.graph.nodes() if any(i.node().kind() == "aten::contiguous"
                                                               for i in n.inputs())}
-        assert readers == {"aten::mul", "aten::sigmoid", "aten::_convolution", "aten::add"}
+        assert readers == {"aten::mul", "aten::sigmoid", "aten::_convolution", "aten::add", "aten::avg_pool2d"}
         for got, want in zip(plan(x), m(x)):
             assert torch.equal(got, want)
+
+
+def test_unary_ops_that_would_start_a_partition_are_kept_apart_from_the_binary_op_after_them():
+    """exp after a sub, read by a div (T2T-ViT's Performer features), gets a contiguous() before the div; a SiLU after
+    a conv and a sigmoid after a mul (the GELU chain) stay fused; outputs are unchanged, with oneDNN Graph on too."""
+    class Unary(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.exp(x - 1.0) / 7.0, y * torch.sigmoid(y), x * torch.sigmoid(x * 0.5)
+    m, x = Unary().eval(), torch.randn(2, 4, 6, 6)
+    plan = _frozen(m, x)
+    assert llga.unary_heads_apart_for_llga(plan.graph) == 1
+    apart = [n for n in plan.graph.nodes() if n.kind() == "aten::contiguous"]
+    assert len(apart) == 1 and next(apart[0].inputs()).node().kind() == "aten::exp"
+    assert [u.user.kind() for u in apart[0].output().uses()] == ["aten::div"]
+    was = torch.jit.onednn_fusion_enabled()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                out = plan(x)
+            for got, want in zip(out, m(x)):
+                assert _rel(got, want) <= 1e-6
+    finally:
+        torch.jit.enable_onednn_fusion(was)
 
 
 def test_split_pieces_become_slices():

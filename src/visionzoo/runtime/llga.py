@@ -17,6 +17,7 @@ from torch import Tensor
 def prepare(graph: torch._C.Graph) -> None:
     """The rewrites of a frozen graph, in place (``dense_inputs_for_llga`` runs before ``freeze``, on the trace)."""
     constant_operands_for_llga(graph)
+    unary_heads_apart_for_llga(graph)  # before the GELU rewrite, whose sigmoid stays inside its chain
     gelu_tanh_for_llga(graph)
     split_outputs_as_slices(graph)
     layer_norm_sums_for_llga(graph)
@@ -64,13 +65,56 @@ def constant_operands_for_llga(graph: torch._C.Graph) -> int:
     return n
 
 
+_UNARY = frozenset(f"aten::{op}" for op in (
+    "exp", "log", "sqrt", "abs", "sigmoid", "tanh", "relu", "gelu", "elu", "leaky_relu", "hardtanh", "hardswish",
+    "hardsigmoid", "softplus", "silu", "mish", "clamp", "square", "round"))
+# the ops whose kernels oneDNN Graph gives a following elementwise op as a post-op (measured: not sub)
+_HEADS = frozenset(f"aten::{op}" for op in ("linear", "matmul", "mm", "bmm", "addmm", "_convolution", "conv2d",
+                                               "conv1d", "add", "mul", "div"))
+
+
+def unary_heads_apart_for_llga(graph: torch._C.Graph) -> int:
+    """Put an ``aten::contiguous`` (a no-op on the fresh, dense output of an elementwise op) between each unary
+    elementwise op that would start a oneDNN Graph partition and the add, mul or div that read it; returns how many
+    outputs it separated.
+
+    oneDNN Graph (torch 2.13) runs a partition that starts with a unary op and continues with a binary one as an
+    eltwise kernel with a binary post-op, and that kernel is its reference implementation: ``exp(x) / c`` at
+    (1, 3136, 64) took 10.3 ms, and 0.13 ms with the two ops apart (measured, AMD EPYC; T2T-ViT's Performer features
+    are ``exp(wx - |x|^2 / 2) / sqrt(m)``: 3.1 ms a call). oneDNN Graph does not fuse across the ``contiguous``, so
+    each op runs on its own fast kernel. After a linear, matmul, conv, add, mul or div the unary op and the binary one
+    are post-ops of that op's kernel, which is fast, and are left alone: separating them there can cost more than it
+    saves (the sigmoid of ``x * sigmoid(x * (a x^2 + b))`` after a 1x1 conv: 2.6 ms apart against 0.8 ms fused, as
+    ``x`` and the sigmoid's output then reach the mul in two layouts)."""
+    n = 0
+    for kind in sorted(_UNARY):
+        for node in graph.findAllNodes(kind):
+            if next(node.inputs()).node().kind() in _HEADS:
+                continue
+            out = node.output()
+            readers = [use for use in out.uses() if use.user.kind() in ("aten::add", "aten::mul", "aten::div")]
+            if not readers:
+                continue
+            graph.setInsertPoint(node)
+            apart = graph.create("aten::contiguous", [out, graph.insertConstant(0)], 1)
+            apart.output().setType(out.type())
+            apart.insertAfter(node)
+            for use in readers:
+                use.user.replaceInput(use.offset, apart.output())
+            n += 1
+    return n
+
+
 def gelu_tanh_for_llga(graph: torch._C.Graph) -> int:
-    """Rewrite, in place, each ``aten::gelu(x, approximate="tanh")`` as its formula in plain ops,
-    ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``; returns how many nodes it rewrote.
+    """Rewrite, in place, each ``aten::gelu(x, approximate="tanh")`` as the same function in plain ops,
+    ``x sigmoid(x (a x^2 + b))`` with ``b = 2 sqrt(2 / pi)``, ``a = 0.044715 b`` (``(1 + tanh(z)) / 2`` is
+    ``sigmoid(2 z)``); returns how many nodes it rewrote.
 
     oneDNN Graph's own tanh-GELU (torch 2.13) is off by 1.0-1.7e-4 relative after a linear (measured: Linear, GELU
-    tanh, Linear), over the fp32 tolerance, so MaxViT's plan was refused; the same partition built from mul, add and
-    tanh agrees with eager within 6e-7 and oneDNN Graph still fuses it."""
+    tanh, Linear), over the fp32 tolerance, so MaxViT's plan was refused. In plain ops it agrees with eager within
+    1e-6, and oneDNN Graph fuses the chain into one binary kernel with post-ops. This form is one chain from ``x * x``
+    on, and measured faster than the tanh form (split into four kernels): a 1x1 conv + GELU at (1, 256, 56, 56)
+    channels-last took 0.74 ms against 1.29 ms, and 0.86 ms with oneDNN's own GELU (AMD EPYC, 2 threads)."""
     n = 0
     for node in graph.findAllNodes("aten::gelu"):
         x, approximate = node.inputs()
@@ -80,50 +124,60 @@ def gelu_tanh_for_llga(graph: torch._C.Graph) -> int:
 
         def op(kind: str, *args: torch._C.Value, node=node) -> torch._C.Value:  # noqa: ANN001
             return _insert(graph, node, kind, args, node.output())
+        b = 2 * math.sqrt(2 / math.pi)
         const, one = graph.insertConstant, graph.insertConstant(1)
-        inner = op("aten::add", x, op("aten::mul", op("aten::mul", op("aten::mul", x, x), x), const(0.044715)), one)
-        tanh = op("aten::tanh", op("aten::mul", inner, const(math.sqrt(2 / math.pi))))
-        _replace(node, op("aten::mul", op("aten::mul", x, const(0.5)), op("aten::add", tanh, const(1.0), one)))
+        inner = op("aten::add", op("aten::mul", op("aten::mul", x, x), const(0.044715 * b)), const(b), one)
+        _replace(node, op("aten::mul", x, op("aten::sigmoid", op("aten::mul", x, inner))))
         n += 1
     return n
 
 
-# the readers that oneDNN Graph runs slowly on a strided input: elementwise ops and convolutions (matmuls, softmax
-# and LayerNorm read any layout at full speed, measured)
+# the readers that oneDNN Graph runs slowly on a strided input: elementwise ops, convolutions and pooling (matmuls,
+# softmax and LayerNorm read any layout at full speed, measured)
 _POINTWISE = frozenset(f"aten::{op}" for op in ("add", "sub", "mul", "div", "neg", "sigmoid", "relu", "gelu", "tanh",
-                                                   "_convolution", "conv2d"))
+                                                   "_convolution", "conv2d", "avg_pool2d", "max_pool2d"))
 
 
-def onednn_reads_dense(t: torch._C.TensorType) -> bool:
-    """Whether a traced tensor type is laid out as oneDNN's fast elementwise kernels take it: dense (no gaps), with
-    its dimensions in order or channels-last (dimension 1 innermost, the rest in order). Size-1 and broadcast
-    (stride 0) dimensions do not count; a type without sizes or strides counts as dense."""
+def onednn_layout(t: torch._C.TensorType) -> str:
+    """How oneDNN's fast elementwise kernels see a traced tensor type: ``"plain"`` (dense, dimensions in order),
+    ``"channels_last"`` (dense, dimension 1 innermost, the rest in order) or ``"strided"`` (anything else: gaps, other
+    orders). Size-1 and broadcast (stride 0) dimensions do not count; a type without sizes or strides counts as
+    plain."""
     sizes, strides = t.sizes(), t.strides()
     if sizes is None or strides is None or None in sizes or None in strides:
-        return True
+        return "plain"
     dims = sorted((st, sz, i) for i, (sz, st) in enumerate(zip(sizes, strides)) if sz != 1 and st != 0)
     expect = 1
     for st, sz, _ in dims:
         if st != expect:
-            return False
+            return "strided"
         expect *= sz
     order = [i for _, _, i in reversed(dims)]  # outermost first
+    if order == sorted(order):
+        return "plain"
     rest = [i for i in order if i != 1]
-    return order == sorted(order) or (order[-1:] == [1] and rest == sorted(rest))
+    return "channels_last" if order[-1:] == [1] and rest == sorted(rest) else "strided"
+
+
+def onednn_reads_dense(t: torch._C.TensorType) -> bool:
+    """Whether oneDNN's fast elementwise kernels take a traced tensor type as it is (``onednn_layout`` not strided)."""
+    return onednn_layout(t) != "strided"
 
 
 def dense_inputs_for_llga(traced: torch.jit.ScriptModule) -> int:
-    """Before ``freeze``: give each input of an elementwise op or a convolution whose traced layout is not one that
-    ``onednn_reads_dense`` accepts an ``aten::contiguous`` (a copy), in every traced (sub)module graph; returns how
-    many inputs it wrapped. The trace's types hold the example input's sizes and strides, which ``freeze`` drops.
+    """Before ``freeze``: give each input of an elementwise op, a convolution or a pooling whose traced layout is not
+    one that ``onednn_reads_dense`` accepts an ``aten::contiguous`` (a copy), in every traced (sub)module graph;
+    returns how many inputs it wrapped. The trace's types hold the example input's sizes and strides, which
+    ``freeze`` drops.
 
-    oneDNN Graph (torch 2.13) runs an elementwise partition with such an input on its reference kernels, 50-150x
+    oneDNN Graph (torch 2.13) runs an elementwise partition with a strided input on its reference kernels, 50-150x
     slower than on a dense copy (measured, AMD EPYC: ``relu(x.permute(0, 2, 3, 1) + y)`` at (8, 56, 56, 64) took 49
     ms against 1.0 ms; at (8, 6, 197, 64), a transpose(1, 2), 16 ms against 0.1 ms). Plain and channels-last
-    views run at full speed and are left alone. RMT's rotary embedding reads a permuted (B, heads, H, W, d) view and
-    spent 190 of its 250 ms of oneDNN time there; CAS-ViT's ``qkv.chunk(3, dim=1)`` pieces have gaps at batch > 1
-    (200 ms a call at batch 32). The copies may not pay where a partition would have been fast anyway, so the
-    ``torchscript`` backend times the plan with and without them and keeps the faster."""
+    views run at full speed and are left alone. RMT's
+    rotary embedding reads a permuted (B, heads, H, W, d) view and spent 190 of its 250 ms of oneDNN time there;
+    CAS-ViT's ``qkv.chunk(3, dim=1)`` pieces have gaps at batch > 1 (200 ms a call at batch 32). The copies may not
+    pay where a partition would have been fast anyway, so the ``torchscript`` backend times the plan with and
+    without them and keeps the faster."""
     n = 0
     for sub in traced.modules():
         try:
