@@ -166,6 +166,19 @@ def test_constant_operands_are_rewritten_to_sub_and_div():
         assert _rel(frozen(x), m(x)) <= 1e-6
 
 
+def test_prepare_runs_every_rewrite_but_those_skipped():
+    """``llga.prepare`` runs ``llga.REWRITES`` in order; one named in ``skip`` (the ablations of
+    benchmarks/llga_rewrites.py) leaves its pattern as it was."""
+    m, x = _ConstantOperands().eval(), torch.randn(4, 8)
+    kinds = []
+    for skip in ((), ("constant_operands",)):
+        plan = _frozen(m, x)
+        llga.prepare(plan.graph, skip=skip)
+        kinds.append([n.kind() for n in plan.graph.nodes()])
+    assert kinds[0].count("aten::div") == 2 and kinds[1].count("aten::div") == 0
+    assert [name for name, _ in llga.REWRITES][:3] == ["constant_operands", "unary_heads_apart", "gelu_tanh"]
+
+
 def test_tanh_gelu_is_rewritten_so_the_onednn_graph_plan_keeps_fp32_accuracy():
     """Linear, tanh-GELU, Linear through oneDNN Graph: its own tanh-GELU was 1.7e-4 off (relative); written out in
     plain ops (its sigmoid form) the plan agrees within 1e-5. The erf GELU is left alone."""

@@ -268,7 +268,7 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     traced and profiled: oneDNN then runs whole chains (conv + bias + add + ReLU, linear + GELU) as one partition
     with its own primitives and layouts, as onnxruntime's and OpenVINO's graph passes do.
 
-    Five rewrites (``visionzoo.runtime.llga``), of the trace and of the frozen graph, work around oneDNN Graph faults
+    Six rewrites (``visionzoo.runtime.llga``), of the trace and of the frozen graph, work around oneDNN Graph faults
     of torch 2.13, with results equal up to rounding; where one of them made strided inputs dense, the plan is also
     built without it and the faster of the two kept. A plan is traced per input shape (the profiled graph is
     specialised to it), on first use, and checked there against the eager model (``TOLERANCE``): oneDNN Graph's

@@ -14,13 +14,12 @@ import torch
 from torch import Tensor
 
 
-def prepare(graph: torch._C.Graph) -> None:
-    """The rewrites of a frozen graph, in place (``dense_inputs_for_llga`` runs before ``freeze``, on the trace)."""
-    constant_operands_for_llga(graph)
-    unary_heads_apart_for_llga(graph)  # before the GELU rewrite, whose sigmoid stays inside its chain
-    gelu_tanh_for_llga(graph)
-    split_outputs_as_slices(graph)
-    layer_norm_sums_for_llga(graph)
+def prepare(graph: torch._C.Graph, skip: tuple[str, ...] = ()) -> None:
+    """The rewrites of a frozen graph (``REWRITES``, in order), in place, but those named in ``skip`` (for ablations:
+    ``benchmarks/llga_rewrites.py``). ``dense_inputs_for_llga`` runs before ``freeze``, on the trace."""
+    for name, rewrite in REWRITES:
+        if name not in skip:
+            rewrite(graph)
 
 
 def _insert(graph: torch._C.Graph, before: torch._C.Node, kind: str, args: list, like: torch._C.Value
@@ -138,30 +137,22 @@ _POINTWISE = frozenset(f"aten::{op}" for op in ("add", "sub", "mul", "div", "neg
                                                    "_convolution", "conv2d", "avg_pool2d", "max_pool2d"))
 
 
-def onednn_layout(t: torch._C.TensorType) -> str:
-    """How oneDNN's fast elementwise kernels see a traced tensor type: ``"plain"`` (dense, dimensions in order),
-    ``"channels_last"`` (dense, dimension 1 innermost, the rest in order) or ``"strided"`` (anything else: gaps, other
-    orders). Size-1 and broadcast (stride 0) dimensions do not count; a type without sizes or strides counts as
-    plain."""
+def onednn_reads_dense(t: torch._C.TensorType) -> bool:
+    """Whether a traced tensor type is laid out as oneDNN's fast elementwise kernels take it: dense (no gaps), with
+    its dimensions in order or channels-last (dimension 1 innermost, the rest in order). Size-1 and broadcast
+    (stride 0) dimensions do not count; a type without sizes or strides counts as dense."""
     sizes, strides = t.sizes(), t.strides()
     if sizes is None or strides is None or None in sizes or None in strides:
-        return "plain"
+        return True
     dims = sorted((st, sz, i) for i, (sz, st) in enumerate(zip(sizes, strides)) if sz != 1 and st != 0)
     expect = 1
     for st, sz, _ in dims:
         if st != expect:
-            return "strided"
+            return False
         expect *= sz
     order = [i for _, _, i in reversed(dims)]  # outermost first
-    if order == sorted(order):
-        return "plain"
     rest = [i for i in order if i != 1]
-    return "channels_last" if order[-1:] == [1] and rest == sorted(rest) else "strided"
-
-
-def onednn_reads_dense(t: torch._C.TensorType) -> bool:
-    """Whether oneDNN's fast elementwise kernels take a traced tensor type as it is (``onednn_layout`` not strided)."""
-    return onednn_layout(t) != "strided"
+    return order == sorted(order) or (order[-1:] == [1] and rest == sorted(rest))
 
 
 def dense_inputs_for_llga(traced: torch.jit.ScriptModule) -> int:
@@ -173,11 +164,10 @@ def dense_inputs_for_llga(traced: torch.jit.ScriptModule) -> int:
     oneDNN Graph (torch 2.13) runs an elementwise partition with a strided input on its reference kernels, 50-150x
     slower than on a dense copy (measured, AMD EPYC: ``relu(x.permute(0, 2, 3, 1) + y)`` at (8, 56, 56, 64) took 49
     ms against 1.0 ms; at (8, 6, 197, 64), a transpose(1, 2), 16 ms against 0.1 ms). Plain and channels-last
-    views run at full speed and are left alone. RMT's
-    rotary embedding reads a permuted (B, heads, H, W, d) view and spent 190 of its 250 ms of oneDNN time there;
-    CAS-ViT's ``qkv.chunk(3, dim=1)`` pieces have gaps at batch > 1 (200 ms a call at batch 32). The copies may not
-    pay where a partition would have been fast anyway, so the ``torchscript`` backend times the plan with and
-    without them and keeps the faster."""
+    views run at full speed and are left alone. RMT's rotary embedding reads a permuted (B, heads, H, W, d) view and
+    spent 190 of its 250 ms of oneDNN time there; CAS-ViT's ``qkv.chunk(3, dim=1)`` pieces have gaps at batch > 1
+    (200 ms a call at batch 32). The copies may not pay where a partition would have been fast anyway, so the
+    ``torchscript`` backend times the plan with and without them and keeps the faster."""
     n = 0
     for sub in traced.modules():
         try:
@@ -252,3 +242,9 @@ def layer_norm_sums_for_llga(graph: torch._C.Graph) -> int:
         _replace(node, _insert(graph, node, "aten::sub", [other, neg, ins[2]], node.output()))
         n += 1
     return n
+
+
+# the order matters: the unary ops are kept apart before the GELU rewrite adds a sigmoid that must stay in its chain
+REWRITES = (("constant_operands", constant_operands_for_llga), ("unary_heads_apart", unary_heads_apart_for_llga),
+            ("gelu_tanh", gelu_tanh_for_llga), ("split_slices", split_outputs_as_slices),
+            ("layer_norm_sums", layer_norm_sums_for_llga))
