@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import re
 import sys
 import time
 import warnings
@@ -333,6 +334,17 @@ def test_torchscript_plans_that_failed_before(name, tiny_model):
     fast = deploy(model, x, backend="torchscript", budget=0)
     with torch.no_grad():
         assert _rel(fast(x), model(x)) <= FP32_TOL
+
+
+def test_torchscript_records_whether_strided_inputs_were_made_dense(tiny_model):
+    """CAS-ViT's chunked q, k, v have gaps at batch > 1: the plan is built with and without copies, timed, and the
+    record says which it kept and the measured ratio."""
+    model = tiny_model("casvit_test")
+    x = make_input(model, batch=4)
+    fast = deploy(model, x, backend="torchscript", budget=0)
+    detail = fast.record.candidates[0].detail
+    assert re.search(r"\d+ strided inputs at \(4, 3, 64, 64\): (made dense|left as views) \(timed: views "
+                     r"\d+\.\d\dx the time of copies\)", detail), detail
 
 
 def test_torchscript_plan_that_differs_from_eager_is_not_used(tiny_model, monkeypatch):

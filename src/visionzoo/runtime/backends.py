@@ -281,6 +281,7 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     amp = dtype == "bf16"
     eager = _torch_runner(model, dtype)
     plans: dict[tuple[int, ...], Callable[[Tensor], Tensor]] = {}
+    dense_notes: list[str] = []  # what the timed dense-or-views choice kept, per plan
 
     def plan(x: Tensor, dense: bool) -> tuple[torch.jit.ScriptModule, int]:
         """The frozen, rewritten, profiled plan for ``x``, and how many strided inputs it made dense."""
@@ -311,7 +312,11 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
             if views is not None:
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
                     t = best_seconds({"dense": lambda: m(x), "views": lambda: views(x)}, rounds=3, sample_s=0.0)
-                m = views if t["views"] < t["dense"] else m
+                kept = "views" if t["views"] < t["dense"] else "dense"
+                m = views if kept == "views" else m
+                dense_notes.append(f"{wrapped} strided inputs at {tuple(x.shape)}: "
+                                   f"{'made dense' if kept == 'dense' else 'left as views'} "
+                                   f"(timed: views {t['views'] / t['dense']:.2f}x the time of copies)")
 
         def call(x: Tensor, m=m) -> Tensor:  # noqa: ANN001
             with torch.no_grad():
@@ -342,7 +347,7 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     run(shared.x)  # trace, freeze, fuse and check now, so build time holds it
     return Built(run, f"TorchScript (trace + freeze, a plan per input shape, each checked against eager) with "
                  f"oneDNN Graph fusion{', channels-last' if cl else ''}{', traced under bf16 autocast' if amp else ''}"
-                 f"; {shared.fuse_note or 'no fuse()'}", module=model)
+                 f"; {shared.fuse_note or 'no fuse()'}" + "".join(f"; {n}" for n in dense_notes), module=model)
 
 
 def _onnxruntime(dtype: str, shared: Shared) -> Built:
