@@ -70,8 +70,9 @@ def test_attention_matches_explicit_softmax():
 
 
 def test_a_three_dimensional_bias_reaches_sdpa_with_the_rank_of_q(monkeypatch):
-    """A (heads, N, N) bias (RMT's decay) goes to SDPA as (1, heads, N, N): torch's CPU SDPA takes its fused kernel
-    only for a 2-D mask or one of q's rank, and its math path otherwise. The output equals the explicit path's."""
+    """A (heads, N, N) bias (RMT's decay) goes to SDPA as (1, heads, N, N), and a q with a strided last dimension as
+    a unit-stride copy: torch's CPU SDPA takes its fused kernel only so, and its math path otherwise. The output
+    equals the explicit path's."""
     from visionzoo.layers.attention import AttentionCore
 
     torch.manual_seed(0)
@@ -80,14 +81,19 @@ def test_a_three_dimensional_bias_reaches_sdpa_with_the_rank_of_q(monkeypatch):
     masks, sdpa = [], F.scaled_dot_product_attention
 
     def spy(*args, attn_mask=None, **kwargs):
-        masks.append(attn_mask.shape)
+        masks.append((attn_mask.shape, args[0].stride(-1)))
         return sdpa(*args, attn_mask=attn_mask, **kwargs)
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     core = AttentionCore()
     fused = core(q, k, v, bias)
-    assert masks == [(1, 4, 6, 6)] and torch._fused_sdp_choice(q, k, v, bias[None], 0.0, False) != 0  # not math
+    assert masks == [((1, 4, 6, 6), 1)] and torch._fused_sdp_choice(q, k, v, bias[None], 0.0, False) != 0  # not math
     core.fused = False
     torch.testing.assert_close(fused, core(q, k, v, bias), atol=1e-5, rtol=1e-5)
+    # a q whose last dimension is strided (GLNet's global tokens) reaches SDPA with unit stride, the same output
+    core.fused, strided = True, q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert strided.stride(-1) != 1
+    torch.testing.assert_close(core(strided, k, v, bias), fused)
+    assert masks[-1] == ((1, 4, 6, 6), 1)
 
 
 def test_window_partition_inverse():
