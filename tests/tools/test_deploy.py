@@ -178,6 +178,8 @@ def test_prepare_runs_every_rewrite_but_those_skipped():
         kinds.append([n.kind() for n in plan.graph.nodes()])
     assert kinds[0].count("aten::div") == 2 and kinds[1].count("aten::div") == 0
     assert [name for name, _ in llga.REWRITES][:3] == ["constant_operands", "unary_heads_apart", "gelu_tanh"]
+    with pytest.raises(ValueError, match="no rewrite named \\['constant_operand'\\]; the rewrites are"):
+        llga.prepare(plan.graph, skip=("constant_operand",))
 
 
 def test_tanh_gelu_is_rewritten_so_the_onednn_graph_plan_keeps_fp32_accuracy():

@@ -4,7 +4,7 @@ before the plan's profiling runs (``prepare``).
 
 Each works around one fault of oneDNN Graph in torch 2.13, isolated on a small module and named in its docstring;
 results stay equal up to rounding, and the backend still checks every plan against eager. Each returns how many
-nodes (or pieces) it rewrote, so that a caller and the tests can see whether it applied.
+nodes (or inputs) it rewrote, so that a caller and the tests can see whether it applied.
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from torch import Tensor
 def prepare(graph: torch._C.Graph, skip: tuple[str, ...] = ()) -> None:
     """The rewrites of a frozen graph (``REWRITES``, in order), in place, but those named in ``skip`` (for ablations:
     ``benchmarks/llga_rewrites.py``). ``dense_inputs_for_llga`` runs before ``freeze``, on the trace."""
+    unknown = set(skip) - {name for name, _ in REWRITES}
+    if unknown:
+        raise ValueError(f"llga.prepare: no rewrite named {sorted(unknown)}; the rewrites are "
+                         f"{[name for name, _ in REWRITES]}")
     for name, rewrite in REWRITES:
         if name not in skip:
             rewrite(graph)
