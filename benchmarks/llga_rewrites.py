@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _process import policy_label, restart_with_settings  # noqa: E402
@@ -28,26 +27,6 @@ from visionzoo.runtime.cpu import cpu_info  # noqa: E402
 from visionzoo.runtime.kernels import best_seconds  # noqa: E402
 
 VARIANTS = ("all", "no dense_inputs", *(f"no {name}" for name, _ in llga.REWRITES if name != "constant_operands"))
-
-
-def plan(model: torch.nn.Module, x: torch.Tensor, variant: str) -> torch.jit.ScriptModule:
-    """The backend's plan (trace, dense inputs, freeze, rewrites, profiling runs) with ``variant``'s rewrite left
-    out."""
-    was = torch.jit.onednn_fusion_enabled()
-    torch.jit.enable_onednn_fusion(True)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            m = torch.jit.trace(model, x, check_trace=False)
-            if variant != "no dense_inputs":
-                llga.dense_inputs_for_llga(m)
-            m = torch.jit.freeze(m)
-            llga.prepare(m.graph, skip=(variant[3:],) if variant.startswith("no ") else ())
-            for _ in range(3):
-                m(x)
-    finally:
-        torch.jit.enable_onednn_fusion(was)
-    return m
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             fns, notes = {"eager": lambda model=model, x=x: model(x)}, {}
             for v in VARIANTS:
                 try:
-                    m = plan(model, x, v)
+                    m, _ = llga.plan(model, x, dense=v != "no dense_inputs",
+                                     skip=(v[3:],) if v.startswith("no ") and v != "no dense_inputs" else ())
                 except Exception as e:  # noqa: BLE001  (a rewrite left out may make the plan fail: that is the point)
                     notes[v] = f"failed ({type(e).__name__})"
                     continue

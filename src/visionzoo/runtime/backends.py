@@ -284,23 +284,8 @@ def _torchscript(dtype: str, shared: Shared) -> Built:
     dense_notes: list[str] = []  # what the timed dense-or-views choice kept, per plan
 
     def plan(x: Tensor, dense: bool) -> tuple[torch.jit.ScriptModule, int]:
-        """The frozen, rewritten, profiled plan for ``x``, and how many strided inputs it made dense."""
-        was = torch.jit.onednn_fusion_enabled()
-        torch.jit.enable_onednn_fusion(True)
-        try:
-            with warnings.catch_warnings(), torch.no_grad(), \
-                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
-                warnings.simplefilter("ignore", DeprecationWarning)  # trace/freeze: deprecated, still shipped
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # checked below, on this shape's output
-                m = torch.jit.trace(model, x, check_trace=False)
-                wrapped = llga.dense_inputs_for_llga(m) if dense else 0
-                m = torch.jit.freeze(m)
-                llga.prepare(m.graph)
-                for _ in range(3):  # the profiling runs after which the executor fuses and specialises
-                    m(x)
-        finally:
-            torch.jit.enable_onednn_fusion(was)
-        return m, wrapped
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+            return llga.plan(model, x, dense)
 
     def traced(x: Tensor) -> Callable[[Tensor], Tensor]:
         m, wrapped = plan(x, dense=True)

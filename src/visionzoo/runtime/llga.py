@@ -9,6 +9,7 @@ nodes (or inputs) it rewrote, so that a caller and the tests can see whether it 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -24,6 +25,29 @@ def prepare(graph: torch._C.Graph, skip: tuple[str, ...] = ()) -> None:
     for name, rewrite in REWRITES:
         if name not in skip:
             rewrite(graph)
+
+
+def plan(model: torch.nn.Module, x: Tensor, dense: bool = True, skip: tuple[str, ...] = ()
+         ) -> tuple[torch.jit.ScriptModule, int]:
+    """The ``torchscript`` backend's plan for ``x``: ``model`` traced, its strided inputs made dense (with ``dense``),
+    frozen, rewritten (``prepare``, but ``skip``) and run three times with oneDNN Graph fusion on (the profiling runs
+    after which the executor fuses and specialises); returns the plan and how many inputs it made dense. The
+    process-wide fusion switch is restored afterwards. Runs under the caller's autocast."""
+    was = torch.jit.onednn_fusion_enabled()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)  # trace/freeze: deprecated, still shipped
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the backend checks each plan's output
+            m = torch.jit.trace(model, x, check_trace=False)
+            wrapped = dense_inputs_for_llga(m) if dense else 0
+            m = torch.jit.freeze(m)
+            prepare(m.graph, skip)
+            for _ in range(3):
+                m(x)
+    finally:
+        torch.jit.enable_onednn_fusion(was)
+    return m, wrapped
 
 
 def _insert(graph: torch._C.Graph, before: torch._C.Node, kind: str, args: list, like: torch._C.Value
